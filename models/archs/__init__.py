@@ -1,0 +1,1 @@
+"""Student architecture families, registered in ``models.registry`` and imported on first use."""

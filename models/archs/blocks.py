@@ -1,0 +1,38 @@
+"""Small convolutional building blocks shared by the CPU-sized family."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResidualBlock(nn.Module):
+    """conv-act-conv with an identity skip; no normalisation, so tiles equal the whole image."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+def residual_stack(channels: int, blocks: int) -> nn.Sequential:
+    return nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)))
+
+
+class PixelShuffleUpsampler(nn.Sequential):
+    """×2 steps (or one ×3) of conv + pixel shuffle, as in ESRGAN/SwinIR light decoders."""
+
+    def __init__(self, channels: int, scale: int) -> None:
+        steps = {2: [2], 3: [3], 4: [2, 2], 8: [2, 2, 2]}[scale]
+        layers: list[nn.Module] = []
+        for factor in steps:
+            layers += [
+                nn.Conv2d(channels, channels * factor * factor, 3, padding=1),
+                nn.PixelShuffle(factor),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+        super().__init__(*layers)

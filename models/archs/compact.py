@@ -1,0 +1,104 @@
+"""``compact``: the CTSR structure sized for CPUs.
+
+Same stages as the paper's SD-2.1 student, with a convolutional "latent" at LR resolution:
+
+* encode   = encoder (image → latent, the VAE-encoder's role) + one-step body (the UNet's role):
+  ``z0 = z + body(z)``;
+* velocity = a separate residual network on ``z0`` (the stage-2 adapter's role);
+* decode   = residual blocks + pixel-shuffle ×scale (the VAE decoder's role) + an
+  RGB head.
+
+No normalisation layers, so a tile's output equals the matching crop of the whole image's
+output once the tile is wider than the receptive field (the tiling tests rely on this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import StudentConfig, parse_arch
+from ..registry import ARCH_REGISTRY
+from ..student import CTSRStudent
+from .blocks import PixelShuffleUpsampler, residual_stack
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class CompactArch:
+    features: int = 64
+    latent_channels: int = 32
+    encoder_blocks: int = 2
+    body_blocks: int = 6
+    velocity_blocks: int = 3
+    decoder_blocks: int = 2
+    upsample_features: int = 48
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < (1 if "blocks" not in name else 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@ARCH_REGISTRY.register("compact")
+class CompactStudent(CTSRStudent):
+    family = "compact"
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__(config)
+        a = parse_arch(CompactArch, config.arch, self.family)
+        act = nn.LeakyReLU(0.2, inplace=True)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, a.features, 3, padding=1),
+            act,
+            residual_stack(a.features, a.encoder_blocks),
+            nn.Conv2d(a.features, a.latent_channels, 3, padding=1),
+        )
+        self.body = nn.Sequential(
+            nn.Conv2d(a.latent_channels, a.features, 3, padding=1),
+            act,
+            residual_stack(a.features, a.body_blocks),
+            nn.Conv2d(a.features, a.latent_channels, 3, padding=1),
+        )
+        self.velocity_net = nn.Sequential(
+            nn.Conv2d(a.latent_channels, a.features, 3, padding=1),
+            act,
+            residual_stack(a.features, a.velocity_blocks),
+            nn.Conv2d(a.features, a.latent_channels, 3, padding=1),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(a.latent_channels, a.features, 3, padding=1),
+            act,
+            residual_stack(a.features, a.decoder_blocks),
+            nn.Conv2d(a.features, a.upsample_features, 3, padding=1),
+            act,
+            PixelShuffleUpsampler(a.upsample_features, config.scale),
+            nn.Conv2d(a.upsample_features, 3, 3, padding=1),
+        )
+
+    def encode(self, lr: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(lr * 2 - 1)
+        return z + self.body(z)
+
+    def velocity(self, z0: torch.Tensor) -> torch.Tensor:
+        return self.velocity_net(z0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.decoder(z) + 1) / 2
+
+    @classmethod
+    def build(cls, config: StudentConfig, folder: Path | None = None, **options: Any) -> CompactStudent:
+        if options:
+            raise TypeError(f"compact takes no load options, got {sorted(options)}")
+        return cls(config)
+
+    def state_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {WEIGHTS_NAME: self.state_dict()}
+
+    def load_state_files(self, files: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.load_state_dict(files[WEIGHTS_NAME], strict=True)

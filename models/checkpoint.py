@@ -1,0 +1,86 @@
+"""Checkpoint folders: ``config.json`` + ``*.safetensors``, like a diffusers model folder.
+
+Every way a checkpoint can be wrong (missing, not JSON, unknown family, newer format, missing or
+corrupt weight file, tensors that do not fit the architecture) surfaces as one
+:class:`~models.errors.CheckpointError` that names the folder and the problem.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import FORMAT_VERSION, StudentConfig
+from .errors import CheckpointError, ConfigError
+from .registry import ARCH_REGISTRY
+from .student import CTSRStudent
+
+
+def build_student(config: StudentConfig, **options: Any) -> CTSRStudent:
+    """A freshly initialised student for ``config`` (the starting point for training and tests)."""
+    cls = ARCH_REGISTRY.get(config.family)
+    return cls.build(config, None, **options)
+
+
+def save_student(student: CTSRStudent, folder: Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``student`` to ``folder`` atomically (a crash leaves the old checkpoint intact)."""
+    config = StudentConfig.from_dict(student.config.to_dict())
+    config.provenance = {
+        **config.provenance,
+        **(provenance or {}),
+        "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__.split("+")[0],
+    }
+    folder = folder.resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, tensors in student.state_files().items():
+            cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            save_file(cpu, str(staging / name), metadata={"ctsr_format_version": str(FORMAT_VERSION)})
+        config.save(staging)
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    student.config = config
+    return folder
+
+
+def load_student(folder: Path, **options: Any) -> CTSRStudent:
+    """Load a checkpoint folder. ``options`` go to the family's ``build`` (e.g. ``base_model``)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    config = StudentConfig.load(folder)
+    try:
+        cls = ARCH_REGISTRY.get(config.family)
+        student = cls.build(config, folder, **options)
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for name in student.state_files():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: weight file {name} is missing")
+        try:
+            files[name] = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from None
+    try:
+        student.load_state_files(files)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{folder}: weights do not match config.json ({first})") from None
+    return student.eval()

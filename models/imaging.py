@@ -1,0 +1,175 @@
+"""Image files ↔ tensors, with every input mode handled explicitly.
+
+What comes in (after EXIF orientation is applied):
+
+=================  ==============================================  ==============
+input mode         what the model sees                             written back as
+=================  ==============================================  ==============
+RGB                RGB                                             RGB
+RGBA, LA, PA, P+t  RGB; the alpha channel is upscaled separately   RGBA / LA
+                   (bicubic) and recombined
+L, 1               grey replicated to RGB                          L
+I;16 (16-bit grey) grey at full 16-bit precision                   I;16 (16-bit PNG)
+P (palette)        its RGB colours                                 RGB
+CMYK, YCbCr, LAB   converted to RGB by Pillow (no ICC transform)   RGB
+=================  ==============================================  ==============
+
+Pillow decodes 16-bit-per-channel *colour* PNGs to 8-bit RGB, so those lose their extra
+precision. Animated GIF/WebP/APNG: the first frame is used.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+@dataclass
+class LoadedImage:
+    rgb: torch.Tensor  # [3, H, W] float32 in [0, 1]
+    alpha: torch.Tensor | None  # [1, H, W] float32 in [0, 1]
+    mode: str  # the mode written back: RGB, RGBA, L, LA or I;16
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), like Pillow."""
+        return self.rgb.shape[2], self.rgb.shape[1]
+
+
+@contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """Turn Pillow's many failure modes into one :class:`ImageError` naming the input."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: not a readable image ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
+
+
+def _source(source: str | Path | bytes | BinaryIO) -> tuple[str, str | Path | BinaryIO]:
+    if isinstance(source, bytes):
+        return "image", io.BytesIO(source)
+    return (str(source) if isinstance(source, (str, Path)) else "image"), source
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(f"{name}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels}")
+
+
+def probe_image(source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, reading only the header; checks the pixel limit."""
+    name, fp = _source(source)
+    with _reading(name), Image.open(fp) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    _check_pixels(name, width, height, max_pixels)
+    return width, height
+
+
+def _open(source: str | Path | bytes | BinaryIO, max_pixels: int) -> Image.Image:
+    name, fp = _source(source)
+    with _reading(name):
+        img = Image.open(fp)
+        _check_pixels(name, img.width, img.height, max_pixels)
+        img.load()
+    return img
+
+
+def _to_tensor(array: np.ndarray, peak: float) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / peak)
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def load_image(source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Decode, orient and normalise an image; raises :class:`ImageError` with a reason."""
+    img = _open(source, max_pixels)
+    notes: list[str] = []
+    if getattr(img, "n_frames", 1) > 1:
+        notes.append(f"animated ({img.n_frames} frames): first frame used")
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation not in (1, None):
+        img = ImageOps.exif_transpose(img)
+        notes.append(f"EXIF orientation {orientation} applied")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("1", "F"):
+        img = img.convert("L")
+    elif img.mode in ("PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+    elif img.mode not in ("RGB", "RGBA", "L", "LA", *_SIXTEEN_BIT):
+        notes.append(f"{img.mode} converted to RGB")
+        img = img.convert("RGB")
+
+    alpha = None
+    if img.mode in _SIXTEEN_BIT:
+        grey = _to_tensor(np.asarray(img).astype(np.float32).clip(0, 65535), 65535.0)
+        return LoadedImage(grey.expand(3, -1, -1).contiguous(), None, "I;16", notes)
+    if img.mode in ("RGBA", "LA"):
+        alpha = _to_tensor(np.asarray(img.getchannel("A")), 255.0)
+    colour = img.convert("L" if img.mode in ("L", "LA") else "RGB")
+    rgb = _to_tensor(np.asarray(colour), 255.0)
+    if rgb.shape[0] == 1:
+        rgb = rgb.expand(3, -1, -1).contiguous()
+    return LoadedImage(rgb, alpha, img.mode, notes)
+
+
+def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Alpha is a mask, not a photo: resample it (bicubic) instead of running the model on it."""
+    out = F.interpolate(alpha[None], size=size, mode="bicubic", align_corners=False)
+    return out[0].clamp(0, 1)
+
+
+def to_pil(rgb: torch.Tensor, mode: str = "RGB", alpha: torch.Tensor | None = None) -> Image.Image:
+    """``[3, H, W]`` in [0, 1] (+ optional ``[1, H, W]`` alpha) → a Pillow image in ``mode``."""
+    rgb = rgb.detach().float().clamp(0, 1).cpu()
+    if mode == "I;16":
+        grey = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) * 65535
+        return Image.fromarray(grey.round().numpy().astype(np.uint16), mode="I;16")
+    array = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    img = Image.fromarray(array, mode="RGB")
+    if mode in ("L", "LA"):
+        img = img.convert("L")
+    if alpha is not None and mode in ("RGBA", "LA"):
+        a = (alpha.detach().float().clamp(0, 1).cpu()[0] * 255).round().to(torch.uint8).numpy()
+        img.putalpha(Image.fromarray(a, mode="L"))
+    return img
+
+
+def list_images(paths: list[Path]) -> list[Path]:
+    """Expand folders (non-recursively, sorted) into the image files they hold."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise ImageError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ImageError(f"{path}: no such file or folder")
+    return files

@@ -1,0 +1,241 @@
+"""Tiled, batched inference: any image size in bounded memory, tiles of many images per batch.
+
+Three pieces, each usable on its own (the service's worker drives the lower two directly):
+
+* :class:`JobCanvas` — one image and its alphas: cuts it into :class:`TileWork` items and blends
+  the tiles' outputs back together;
+* :class:`TileRunner` — runs a list of equally sized tiles, each with its own alphas and colour
+  fix, through the student in one batch; on CUDA out-of-memory it splits the batch and retries;
+* :class:`Upscaler` — the two together for a list of jobs (what the CLI uses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .color import apply_color_fix, check_color_fix
+from .device import is_out_of_memory, resolve_device, resolve_dtype
+from .errors import ConfigError, CTSRError
+from .imaging import LoadedImage, to_pil, upscale_alpha
+from .student import CTSRStudent
+from .tiling import TileGrid
+
+DEFAULT_TILE = 192
+DEFAULT_OVERLAP = 32
+DEFAULT_ALPHA = 0.5
+
+
+def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
+    if not alphas:
+        raise ConfigError("at least one alpha is needed")
+    for a in alphas:
+        if not (0.0 <= float(a) <= 1.0):  # also rejects NaN
+            raise ConfigError(f"alpha must be in [0, 1], got {a}")
+    return tuple(float(a) for a in alphas)
+
+
+@dataclass
+class UpscaleJob:
+    """One LR image (``[3, H, W]`` in [0, 1]) to upscale at one or more alphas."""
+
+    image: torch.Tensor
+    alphas: Sequence[float] = (DEFAULT_ALPHA,)
+    color_fix: str = "wavelet"
+    tag: Any = None  # the caller's handle, carried through untouched
+
+    def __post_init__(self) -> None:
+        self.alphas = check_alphas(self.alphas)
+        check_color_fix(self.color_fix)
+        if self.image.dim() != 3 or self.image.shape[0] != 3:
+            raise ConfigError(f"expected a [3, H, W] image tensor, got {tuple(self.image.shape)}")
+
+
+@dataclass
+class TileWork:
+    """One LR tile of one job, with everything needed to run it and put its output back."""
+
+    lr: torch.Tensor  # [3, th, tw]
+    alphas: tuple[float, ...]
+    color_fix: str
+    canvas: JobCanvas
+    box: tuple[int, int]
+
+
+@dataclass
+class JobCanvas:
+    """Accumulates the blended SR tiles of one job; ``result()`` once ``done``."""
+
+    job: UpscaleJob
+    grid: TileGrid
+    scale: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    remaining: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.grid)
+        ph, pw = self.grid.padded
+        s, a = self.scale, len(self.job.alphas)
+        self._sum = torch.zeros(a, 3, ph * s, pw * s, device=self.device)
+        self._weight = torch.zeros(1, ph * s, pw * s, device=self.device)
+
+    def works(self) -> Iterator[TileWork]:
+        image = self.job.image
+        ph, pw = self.grid.padded
+        pad_h, pad_w = ph - self.grid.height, pw - self.grid.width
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < self.grid.height and pad_w < self.grid.width else "replicate"
+            image = F.pad(image[None], (0, pad_w, 0, pad_h), mode=mode)[0]
+        th, tw = self.grid.tile_h, self.grid.tile_w
+        for y, x in self.grid.boxes:
+            yield TileWork(image[:, y : y + th, x : x + tw], self.job.alphas, self.job.color_fix, self, (y, x))
+
+    def add(self, work: TileWork, output: torch.Tensor) -> None:
+        """Blend one tile's ``[A, 3, th*s, tw*s]`` output in."""
+        s, (y, x) = self.scale, work.box
+        output = output.to(self.device, torch.float32)
+        region = (slice(None), slice(None), slice(y * s, (y + self.grid.tile_h) * s),
+                  slice(x * s, (x + self.grid.tile_w) * s))  # fmt: skip
+        if len(self.grid) == 1:
+            self._sum[region] = output
+            self._weight[region[1:]] = 1
+        else:
+            w = self.grid.weight(y, x, s).to(self.device)
+            self._sum[region] += output * w
+            self._weight[region[1:]] += w
+        self.remaining -= 1
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def result(self) -> torch.Tensor:
+        """``[A, 3, H*s, W*s]`` in [0, 1], on the canvas device."""
+        if not self.done:
+            raise RuntimeError(f"{self.remaining} tile(s) still missing")
+        h, w = self.grid.height * self.scale, self.grid.width * self.scale
+        out = self._sum[..., :h, :w] / self._weight[:, :h, :w].clamp_min(1e-8)
+        return out.clamp_(0, 1)
+
+
+class TileRunner:
+    """Runs batches of equally sized tiles through a resident student on one device."""
+
+    def __init__(
+        self,
+        student: CTSRStudent,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+        *,
+        compile: bool = False,
+    ) -> None:
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.channels_last = self.device.type == "cuda"
+        student.prepare_for_inference()
+        student.to(self.device, self.dtype).eval().requires_grad_(False)
+        if self.channels_last:
+            student.to(memory_format=torch.channels_last)
+        if compile:
+            for stage in ("encode", "velocity", "decode"):
+                setattr(student, stage, torch.compile(getattr(student, stage), dynamic=False))
+        self.student = student
+        self.scale = student.scale
+        self.oom_retries = 0
+
+    def _to_device(self, lr: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            lr = lr.pin_memory().to(self.device, non_blocking=True)
+        lr = lr.to(self.device, self.dtype)
+        return lr.contiguous(memory_format=torch.channels_last) if self.channels_last else lr
+
+    @torch.inference_mode()
+    def _forward(self, works: Sequence[TileWork], decode_batch: int) -> list[torch.Tensor]:
+        lr = self._to_device(torch.stack([w.lr for w in works]))
+        outputs = self.student.generate(lr, [w.alphas for w in works], decode_batch=decode_batch)
+        flat = torch.cat(outputs)
+        methods = [w.color_fix for w in works for _ in w.alphas]
+        sources = torch.repeat_interleave(lr, torch.tensor([len(w.alphas) for w in works], device=lr.device), 0)
+        fixed = apply_color_fix(flat, sources, methods)
+        return list(fixed.split([len(w.alphas) for w in works]))
+
+    def run(self, works: Sequence[TileWork], decode_batch: int | None = None) -> list[torch.Tensor]:
+        """Outputs ``[len(w.alphas), 3, th*s, tw*s]`` (float, on the device), one per work."""
+        if not works:
+            return []
+        try:
+            return self._forward(works, decode_batch or len(works))
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(works) == 1 and (decode_batch or 1) == 1:
+                shape = tuple(works[0].lr.shape[1:])
+                raise CTSRError(f"out of memory on a single {shape[0]}x{shape[1]} tile; use a smaller tile") from None
+            self.oom_retries += 1
+            if len(works) == 1:
+                return self.run(works, decode_batch=1)
+            half = len(works) // 2
+            return self.run(works[:half], decode_batch) + self.run(works[half:], decode_batch)
+
+
+class Upscaler:
+    """Tiled, batched upscaling of many images at once (the CLI's engine)."""
+
+    def __init__(
+        self,
+        runner: TileRunner,
+        tile: int = DEFAULT_TILE,
+        overlap: int = DEFAULT_OVERLAP,
+        max_batch: int = 4,
+        canvas_device: str | torch.device = "cpu",
+    ) -> None:
+        if max_batch < 1:
+            raise ConfigError("max_batch must be >= 1")
+        self.runner, self.tile, self.overlap, self.max_batch = runner, tile, overlap, max_batch
+        self.canvas_device = torch.device(canvas_device)
+
+    def canvas(self, job: UpscaleJob) -> JobCanvas:
+        _, h, w = job.image.shape
+        grid = TileGrid.plan(h, w, self.tile, self.overlap, self.runner.student.size_multiple)
+        return JobCanvas(job, grid, self.runner.scale, self.canvas_device)
+
+    def run(self, jobs: Sequence[UpscaleJob], progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """One ``[A, 3, H*s, W*s]`` CPU tensor per job; tiles of all jobs share batches."""
+        canvases = [self.canvas(job) for job in jobs]
+        pending: dict[tuple[int, int], list[TileWork]] = {}
+
+        def flush(key: tuple[int, int]) -> None:
+            works = pending.pop(key)
+            for work, out in zip(works, self.runner.run(works, self.max_batch), strict=True):
+                work.canvas.add(work, out)
+            if progress:
+                progress(len(works))
+
+        for canvas in canvases:
+            for work in canvas.works():
+                key = tuple(work.lr.shape[1:])
+                pending.setdefault(key, []).append(work)
+                if len(pending[key]) >= self.max_batch:
+                    flush(key)
+        for key in list(pending):
+            flush(key)
+        return [c.result().cpu() for c in canvases]
+
+    def upscale_image(
+        self, image: LoadedImage, alphas: Sequence[float] = (DEFAULT_ALPHA,), color_fix: str = "wavelet"
+    ) -> list[Any]:
+        """A loaded image → one Pillow image per alpha, in the input's mode (alpha recombined)."""
+        (out,) = self.run([UpscaleJob(image.rgb, alphas, color_fix)])
+        return finish_images(image, out)
+
+
+def finish_images(image: LoadedImage, out: torch.Tensor) -> list[Any]:
+    """SR tensors ``[A, 3, H', W']`` of ``image`` → Pillow images with its alpha and mode restored."""
+    alpha = upscale_alpha(image.alpha, tuple(out.shape[-2:])) if image.alpha is not None else None
+    return [to_pil(rgb, image.mode, alpha) for rgb in out]

@@ -1,0 +1,49 @@
+"""Named starting configurations (JSON files in ``models/configs/``) for ``ctsr model init``.
+
+``sd21-base`` has the real SD-2.1-base shapes (the arch defaults); ``sd21-tiny`` is the same
+classes at reduced width for tests; ``compact-x4`` is the CPU-sized family.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import StudentConfig
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = {"compact": "compact-x4", "sd21": "sd21-base"}
+#: Where the bundled default model lives once one is trained (issue: distillation pipeline).
+BUNDLED_MODEL = Path(__file__).parent / "weights" / "ctsr-compact-x4"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_preset(name_or_path: str) -> StudentConfig:
+    """A preset by name, or any JSON file with ``family``, ``scale`` and ``arch``."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r} (known: {', '.join(preset_names())})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable config ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    data.setdefault("format_version", 1)
+    return StudentConfig.from_dict(data, source=str(path))
+
+
+def default_model() -> Path:
+    """The bundled checkpoint, or a clear error while the project ships none."""
+    if not (BUNDLED_MODEL / "config.json").is_file():
+        raise ConfigError(
+            "no bundled model is installed yet; pass --model PATH "
+            "(a random-weight checkpoint for trying the pipeline: ctsr model init --arch compact OUT)"
+        )
+    return BUNDLED_MODEL

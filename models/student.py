@@ -1,0 +1,126 @@
+"""The one student interface every consumer uses (CLI, worker, training, evaluation).
+
+A CTSR student maps a low-resolution image to a latent ``z0`` in one step (the stage-1 student),
+predicts a velocity ``v(z0)`` towards the fidelity teacher's latent (stage 2), and decodes
+``z_alpha = z0 + alpha * v`` to the super-resolved image. alpha=0 is the realness end, alpha=1
+the fidelity end. The expensive parts (encode, velocity) do not depend on alpha, so a sweep over
+several alphas pays for them once and only decodes per alpha.
+
+Images are float tensors ``[B, 3, H, W]`` in [0, 1]; outputs are ``[B, 3, H*scale, W*scale]``,
+not clamped (callers clamp once, after blending tiles).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import StudentConfig
+
+
+class CTSRStudent(nn.Module):
+    family: ClassVar[str]
+    #: LR inputs must have sides that are a multiple of this; the pipeline pads to it.
+    size_multiple: ClassVar[int] = 1
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.scale = config.scale
+
+    # -- the three stages ---------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, lr: torch.Tensor) -> torch.Tensor:
+        """LR image → stage-1 student latent ``z0`` (the one-step part)."""
+
+    @abstractmethod
+    def velocity(self, z0: torch.Tensor) -> torch.Tensor:
+        """``z0`` → velocity ``v`` pointing from the realness end towards the fidelity end."""
+
+    @abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent → SR image."""
+
+    # -- composition --------------------------------------------------------------------------
+    @staticmethod
+    def mix(z0: torch.Tensor, v: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
+        """``z0 + alpha * v`` with one alpha per sample."""
+        if v is None:
+            return z0
+        return z0 + alpha.to(z0.dtype).view(-1, *([1] * (z0.dim() - 1))) * v
+
+    def forward(self, lr: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+        """Batched SR with a per-sample alpha (one batch may mix alphas)."""
+        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=lr.device).expand(lr.shape[0])
+        z0 = self.encode(lr)
+        v = None if bool((alpha == 0).all()) else self.velocity(z0)
+        return self.decode(self.mix(z0, v, alpha))
+
+    def sweep(self, lr: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
+        """SR at several alphas for every sample: ``[len(alphas), B, 3, H*s, W*s]``.
+
+        ``z0`` and ``v`` are computed once; only the decoder runs per alpha.
+        """
+        outputs = self.generate(lr, [alphas] * lr.shape[0])
+        return torch.stack(outputs, dim=1)
+
+    def generate(
+        self,
+        lr: torch.Tensor,
+        alphas: Sequence[Sequence[float]],
+        decode_batch: int | None = None,
+    ) -> list[torch.Tensor]:
+        """The general form: sample ``i`` is decoded at each of ``alphas[i]``.
+
+        Returns one ``[len(alphas[i]), 3, H*s, W*s]`` tensor per sample. Decoding runs in chunks
+        of ``decode_batch`` latents (default: the input batch size) so a sweep does not multiply
+        peak memory by the number of alphas.
+        """
+        if len(alphas) != lr.shape[0]:
+            raise ValueError(f"{lr.shape[0]} inputs but {len(alphas)} alpha lists")
+        z0 = self.encode(lr)
+        need_v = any(a != 0 for sample in alphas for a in sample)
+        v = self.velocity(z0) if need_v else None
+        index = torch.tensor([i for i, sample in enumerate(alphas) for _ in sample], device=lr.device)
+        flat = torch.tensor([float(a) for sample in alphas for a in sample], device=lr.device)
+        chunk = decode_batch or lr.shape[0]
+        decoded = []
+        for start in range(0, len(flat), chunk):
+            idx, a = index[start : start + chunk], flat[start : start + chunk]
+            decoded.append(self.decode(self.mix(z0[idx], None if v is None else v[idx], a)))
+        out = torch.cat(decoded) if decoded else lr.new_zeros((0, 3, 1, 1))
+        return list(out.split([len(sample) for sample in alphas]))
+
+    # -- checkpoint contract (implemented per family, used by models.checkpoint) ----------------
+    @classmethod
+    @abstractmethod
+    def build(cls, config: StudentConfig, folder: Path | None = None, **options: Any) -> CTSRStudent:
+        """Construct the modules; ``folder`` is the checkpoint being loaded (for external parts)."""
+
+    @abstractmethod
+    def state_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The tensors a checkpoint stores, by safetensors file name."""
+
+    @abstractmethod
+    def load_state_files(self, files: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of :meth:`state_files`; raises ``RuntimeError``/``KeyError`` on a mismatch."""
+
+    def prepare_for_inference(self) -> None:
+        """Optional one-way speed-up for serving (e.g. merging adapters); training skips it."""
+
+    # -- convenience --------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+        from .checkpoint import save_student
+
+        return save_student(self, Path(folder), provenance)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **options: Any) -> CTSRStudent:
+        from .checkpoint import load_student
+
+        return load_student(Path(folder), **options)

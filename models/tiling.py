@@ -1,0 +1,95 @@
+"""Overlapping LR tiles and the feathered weights that blend their SR outputs.
+
+Every tile of a grid has the same size, so tiles of *different images* can share one batch.
+Along an edge shared with a neighbour, a tile's weight is zero for the first ``margin`` LR pixels
+(where its output is contaminated by the missing context), then ramps linearly to one across the
+rest of the overlap. Two neighbours' ramps sum to one, so blending is seamless, and as long as
+the margin covers the model's receptive field a tiled result equals the whole-image result.
+Image borders get no ramp: there the whole image has no context either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .errors import ConfigError
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of one ``height × width`` LR image go (LR pixel units)."""
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    overlap: int
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+
+    @classmethod
+    def plan(cls, height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> TileGrid:
+        """``tile=0`` means one tile holding the whole image (padded up to ``multiple``)."""
+        if tile < 0 or overlap < 0:
+            raise ConfigError("tile and overlap must be >= 0")
+        if tile == 0:
+            th, tw = round_up(height, multiple), round_up(width, multiple)
+            return cls(height, width, th, tw, 0, (0,), (0,))
+        t = round_up(tile, multiple)
+        if 2 * overlap >= t:
+            raise ConfigError(f"overlap {overlap} must be less than half the tile ({t})")
+        stride = t - overlap
+        return cls(height, width, t, t, overlap, tuple(_starts(height, t, stride)), tuple(_starts(width, t, stride)))
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """The LR canvas the tiles cover: the image, padded where it is smaller than a tile."""
+        return max(self.height, self.tile_h), max(self.width, self.tile_w)
+
+    @property
+    def boxes(self) -> list[tuple[int, int]]:
+        return [(y, x) for y in self.ys for x in self.xs]
+
+    def __len__(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def weight(self, y: int, x: int, scale: int) -> torch.Tensor:
+        """``[1, tile_h*scale, tile_w*scale]`` blend weight of the tile at LR ``(y, x)``."""
+        ph, pw = self.padded
+        return _weight_2d(
+            self.tile_h, self.tile_w, self.overlap, scale,
+            (y > 0, y + self.tile_h < ph, x > 0, x + self.tile_w < pw),
+        )  # fmt: skip
+
+
+def _ramp(length: int, overlap: int, scale: int, start_inner: bool, end_inner: bool) -> torch.Tensor:
+    pos = torch.arange(length * scale, dtype=torch.float32) + 0.5
+    margin = overlap // 4
+    width = max(overlap - 2 * margin, 1) * scale
+    w = torch.ones_like(pos)
+    if overlap and start_inner:
+        w = w * ((pos - margin * scale) / width).clamp(0, 1)
+    if overlap and end_inner:
+        w = w * ((length * scale - pos - margin * scale) / width).clamp(0, 1)
+    return w
+
+
+@lru_cache(maxsize=64)
+def _weight_2d(th: int, tw: int, overlap: int, scale: int, inner: tuple[bool, bool, bool, bool]) -> torch.Tensor:
+    wy = _ramp(th, overlap, scale, inner[0], inner[1])
+    wx = _ramp(tw, overlap, scale, inner[2], inner[3])
+    return (wy[:, None] * wx[None, :])[None]
