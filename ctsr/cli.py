@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="0 = realness end, 1 = fidelity end (default 0.5); repeat for a sweep",
     )  # fmt: skip
     up.add_argument("--tile", type=_non_negative, default=DEFAULT_TILE, help="LR tile edge; 0 = whole image")
-    up.add_argument("--overlap", type=_non_negative, default=DEFAULT_OVERLAP, help="LR pixels tiles share")
+    up.add_argument(
+        "--overlap", type=_non_negative, help=f"LR pixels tiles share (default min({DEFAULT_OVERLAP}, tile/4))"
+    )
     up.add_argument("--batch", type=_positive, default=4, help="tiles per forward pass")
     up.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
@@ -139,7 +141,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     student = load_student(args.model or default_model(), **options)
     runner = TileRunner(student, args.device, args.dtype, compile=args.compile)
     upscaler = Upscaler(runner, tile=args.tile, overlap=args.overlap, max_batch=args.batch)
-    tiles = [len(TileGrid.plan(h, w, args.tile, args.overlap, student.size_multiple)) for w, h in sizes]
+    tiles = [len(TileGrid.plan(h, w, upscaler.tile, upscaler.overlap, student.size_multiple)) for w, h in sizes]
     args.output.mkdir(parents=True, exist_ok=True)
 
     with tqdm(total=sum(tiles), unit="tile", desc="upscaling", disable=None) as bar:

@@ -191,12 +191,14 @@ class Upscaler:
         self,
         runner: TileRunner,
         tile: int = DEFAULT_TILE,
-        overlap: int = DEFAULT_OVERLAP,
+        overlap: int | None = None,
         max_batch: int = 4,
         canvas_device: str | torch.device = "cpu",
     ) -> None:
         if max_batch < 1:
             raise ConfigError("max_batch must be >= 1")
+        if overlap is None:  # the default, shrunk for small tiles so it stays under half a tile
+            overlap = min(DEFAULT_OVERLAP, tile // 4)
         self.runner, self.tile, self.overlap, self.max_batch = runner, tile, overlap, max_batch
         self.canvas_device = torch.device(canvas_device)
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One prepared run on a CUDA machine: the CUDA path end to end, then the sd21 benchmark.
+# Writes logs and JSON under $OUT (default ./bench-results). Usage: bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-bench-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+py=${PYTHON:-python3}
+work=$(mktemp -d)
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+
+  echo "== CUDA path: CLI on a real photo, compact and sd21-tiny, fp16/bf16, vs CPU fp32 =="
+  $py -m ctsr.cli model init --arch compact "$work/compact"
+  $py -m ctsr.cli model init --arch sd21 --preset sd21-tiny "$work/tiny"
+  for dt in fp16 bf16; do
+    $py -m ctsr.cli upscale tests/data/seeding_96x72.jpg -o "$work/out-$dt" --model "$work/compact" \
+      --device cuda --dtype $dt --alpha 0 --alpha 1 --tile 48 || echo "FAILED compact $dt"
+    $py -m ctsr.cli upscale tests/data/seeding_96x72.jpg -o "$work/tiny-$dt" --model "$work/tiny" \
+      --device cuda --dtype $dt --alpha 0.5 --tile 32 || echo "FAILED sd21-tiny $dt"
+  done
+  $py -m ctsr.cli upscale tests/data/seeding_96x72.jpg -o "$work/out-cpu" --model "$work/compact" \
+    --device cpu --alpha 0 --alpha 1 --tile 48
+  $py - "$work" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+w = sys.argv[1]
+for dt in ("fp16", "bf16"):
+    for a in ("0", "1"):
+        x = np.asarray(Image.open(f"{w}/out-{dt}/seeding_96x72_a{a}.png"), dtype=np.float32)
+        y = np.asarray(Image.open(f"{w}/out-cpu/seeding_96x72_a{a}.png"), dtype=np.float32)
+        print(f"compact cuda {dt} vs cpu fp32, alpha {a}: size {x.shape}, mean |diff| {np.abs(x - y).mean():.3f}/255, max {np.abs(x - y).max():.0f}/255")
+PY
+
+  echo "== sd21 (full SD-2.1-base shapes, random weights), fp16, 512^2 out =="
+  $py benchmarks/bench_model.py --family sd21 --device cuda --dtype fp16 --json "$OUT/sd21_eager.json"
+  $py benchmarks/bench_model.py --family sd21 --device cuda --dtype fp16 --batches 16 \
+    --compile-batch 16 --json "$OUT/sd21_compile.json"
+} 2>&1 | tee "$OUT/gpu_check.log"
+rm -rf "$work"
