@@ -29,8 +29,9 @@ def build_student(config: StudentConfig, **options: Any) -> CTSRStudent:
     return cls.build(config, None, **options)
 
 
-def save_student(student: CTSRStudent, folder: Path, provenance: dict[str, Any] | None = None) -> Path:
+def save_student(student: CTSRStudent, folder: str | Path, provenance: dict[str, Any] | None = None) -> Path:
     """Write ``student`` to ``folder`` atomically (a crash leaves the old checkpoint intact)."""
+    folder = Path(folder)
     config = StudentConfig.from_dict(student.config.to_dict())
     config.provenance = {
         **config.provenance,
@@ -59,8 +60,9 @@ def save_student(student: CTSRStudent, folder: Path, provenance: dict[str, Any] 
     return folder
 
 
-def load_student(folder: Path, **options: Any) -> CTSRStudent:
+def load_student(folder: str | Path, **options: Any) -> CTSRStudent:
     """Load a checkpoint folder. ``options`` go to the family's ``build`` (e.g. ``base_model``)."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     config = StudentConfig.load(folder)
