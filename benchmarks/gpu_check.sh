@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# One prepared run on a CUDA machine: the CUDA path end to end, then the sd21 benchmark.
-# Writes logs and JSON under $OUT (default ./bench-results). Usage: bash benchmarks/gpu_check.sh
+# One prepared run on a CUDA machine: the CUDA path end to end (checks), then the sd21 benchmark
+# (bench). Writes logs and JSON under $OUT (default ./bench-results).
+# Usage: bash benchmarks/gpu_check.sh [checks|bench|all]   (default all)
 set -uo pipefail
+what=${1:-all}
 OUT=${OUT:-bench-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 py=${PYTHON:-python3}
 work=$(mktemp -d)
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $py -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
 
+checks() {
   echo "== CUDA path: CLI on a real photo, compact and sd21-tiny, fp16/bf16, vs CPU fp32 =="
   $py -m ctsr.cli model init --arch compact "$work/compact"
   $py -m ctsr.cli model init --arch sd21 --preset sd21-tiny "$work/tiny"
@@ -20,6 +20,8 @@ work=$(mktemp -d)
     $py -m ctsr.cli upscale tests/data/seeding_96x72.jpg -o "$work/tiny-$dt" --model "$work/tiny" \
       --device cuda --dtype $dt --alpha 0.5 --tile 32 || echo "FAILED sd21-tiny $dt"
   done
+  $py -m ctsr.cli upscale tests/data/seeding_96x72.jpg -o "$work/out-compiled" --model "$work/compact" \
+    --device cuda --dtype fp16 --alpha 0 --alpha 1 --tile 48 --compile || echo "FAILED compact compiled"
   $py -m ctsr.cli upscale tests/data/seeding_96x72.jpg -o "$work/out-cpu" --model "$work/compact" \
     --device cpu --alpha 0 --alpha 1 --tile 48
   $py - "$work" <<'PY'
@@ -27,16 +29,45 @@ import sys
 import numpy as np
 from PIL import Image
 w = sys.argv[1]
-for dt in ("fp16", "bf16"):
+for run in ("fp16", "bf16", "compiled"):
     for a in ("0", "1"):
-        x = np.asarray(Image.open(f"{w}/out-{dt}/seeding_96x72_a{a}.png"), dtype=np.float32)
+        x = np.asarray(Image.open(f"{w}/out-{run}/seeding_96x72_a{a}.png"), dtype=np.float32)
         y = np.asarray(Image.open(f"{w}/out-cpu/seeding_96x72_a{a}.png"), dtype=np.float32)
-        print(f"compact cuda {dt} vs cpu fp32, alpha {a}: size {x.shape}, mean |diff| {np.abs(x - y).mean():.3f}/255, max {np.abs(x - y).max():.0f}/255")
+        d = np.abs(x - y)
+        print(f"compact cuda {run} vs cpu fp32, alpha {a}: {x.shape}, mean |diff| {d.mean():.3f}/255, max {d.max():.0f}/255")
 PY
+  echo "== real CUDA out-of-memory: allocator capped at 4 GiB, 16 tiles of 512^2 LR per batch =="
+  $py - <<'PY'
+import torch
+from models import build_student
+from models.pipeline import TileRunner, UpscaleJob, Upscaler
+from models.presets import load_preset
+torch.manual_seed(0)
+torch.cuda.set_per_process_memory_fraction(4 / (torch.cuda.get_device_properties(0).total_memory / 2**30))
+runner = TileRunner(build_student(load_preset("compact-x4")), "cuda", "fp16")
+(out,) = Upscaler(runner, tile=512, overlap=32, max_batch=16).run([UpscaleJob(torch.rand(3, 1400, 1400), (0.0, 1.0))])
+print("output", tuple(out.shape), "oom_retries", runner.oom_retries, "peak GiB",
+      round(torch.cuda.max_memory_allocated() / 2**30, 2))
+assert runner.oom_retries > 0 and out.shape == (2, 3, 5600, 5600)
+PY
+  echo "== compact on CUDA, fp16, 512^2 out =="
+  $py benchmarks/bench_model.py --family compact --device cuda --dtype fp16 --json "$OUT/compact_cuda.json"
+}
 
+bench() {
   echo "== sd21 (full SD-2.1-base shapes, random weights), fp16, 512^2 out =="
   $py benchmarks/bench_model.py --family sd21 --device cuda --dtype fp16 --json "$OUT/sd21_eager.json"
   $py benchmarks/bench_model.py --family sd21 --device cuda --dtype fp16 --batches 16 \
     --compile-batch 16 --json "$OUT/sd21_compile.json"
-} 2>&1 | tee "$OUT/gpu_check.log"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+  case $what in
+    checks) checks ;;
+    bench) bench ;;
+    *) checks; bench ;;
+  esac
+} 2>&1 | tee "$OUT/gpu_check_$what.log"
 rm -rf "$work"

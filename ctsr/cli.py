@@ -128,12 +128,15 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models import load_student
+    from models.errors import ConfigError
     from models.imaging import list_images, load_image, probe_image
     from models.pipeline import DEFAULT_ALPHA, TileRunner, UpscaleJob, Upscaler, finish_images
     from models.presets import default_model
     from models.tiling import TileGrid
 
     alphas = tuple(args.alpha or (DEFAULT_ALPHA,))
+    if args.output.exists() and not args.output.is_dir():
+        raise ConfigError(f"{args.output} exists and is not a folder")
     files = list_images(args.inputs)
     plan = _plan_outputs(files, alphas, args.output, args.overwrite)
     sizes = [probe_image(f, args.max_pixels) for f in files]  # fail before loading the model
@@ -165,6 +168,8 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     from models.errors import ConfigError
     from models.presets import DEFAULT_PRESET, load_preset
 
+    if args.output.exists() and not args.output.is_dir():
+        raise ConfigError(f"{args.output} exists and is not a folder")
     if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
         raise ConfigError(f"{args.output} exists and is not empty; pass --overwrite")
     config = load_preset(args.preset or DEFAULT_PRESET[args.arch])

@@ -57,6 +57,8 @@ def adain_color_fix(out: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> 
 
 def apply_color_fix(out: torch.Tensor, lr: torch.Tensor, methods: Sequence[str]) -> torch.Tensor:
     """Fix each sample of ``out`` with its own method; ``lr`` is the matching LR batch."""
+    for m in set(methods):
+        check_color_fix(m)
     if all(m == "none" for m in methods):
         return out
     ref = F.interpolate(lr.float(), size=out.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)

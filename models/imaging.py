@@ -148,7 +148,7 @@ def to_pil(rgb: torch.Tensor, mode: str = "RGB", alpha: torch.Tensor | None = No
     rgb = rgb.detach().float().clamp(0, 1).cpu()
     if mode == "I;16":
         grey = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) * 65535
-        return Image.fromarray(grey.round().numpy().astype(np.uint16), mode="I;16")
+        return Image.fromarray(grey.round().numpy().astype(np.uint16))  # uint16 → mode I;16
     array = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     img = Image.fromarray(array, mode="RGB")
     if mode in ("L", "LA"):

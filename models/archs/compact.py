@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import StudentConfig, parse_arch
+from ..errors import ConfigError
 from ..registry import ARCH_REGISTRY
 from ..student import CTSRStudent
 from .blocks import PixelShuffleUpsampler, residual_stack
@@ -94,7 +95,7 @@ class CompactStudent(CTSRStudent):
     @classmethod
     def build(cls, config: StudentConfig, folder: Path | None = None, **options: Any) -> CompactStudent:
         if options:
-            raise TypeError(f"compact takes no load options, got {sorted(options)}")
+            raise ConfigError(f"compact checkpoints take no load options (got {', '.join(sorted(options))})")
         return cls(config)
 
     def state_files(self) -> dict[str, dict[str, torch.Tensor]]:

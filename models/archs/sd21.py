@@ -110,6 +110,11 @@ def _merge_and_strip(module: torch.nn.Module, adapter: str) -> None:
             setattr(module.get_submodule(parent) if parent else module, child, sub.get_base_layer())
 
 
+def _public(config: Any) -> dict[str, Any]:
+    """A diffusers config as plain JSON data, without its private ``_name_or_path``-style keys."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def _base_keys(module: torch.nn.Module) -> dict[str, str]:
     """diffusers state-dict key → the key it has once peft wrapped its layer."""
     return {k.replace(".base_layer.", "."): k for k in module.state_dict() if "lora_" not in k}
@@ -185,7 +190,7 @@ class SD21Student(CTSRStudent):
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"sd21 base model at {path} cannot be loaded ({exc})") from None
             config = StudentConfig.from_dict(config.to_dict())
-            config.arch.update(unet=dict(unet.config), vae=dict(vae.config), base_model=str(path))
+            config.arch.update(unet=_public(unet.config), vae=_public(vae.config), base_model=str(path))
         student = cls(config, unet, vae)
         if folder is None and base is not None:
             student._init_prompt(Path(config.arch["base_model"]))
@@ -218,11 +223,10 @@ class SD21Student(CTSRStudent):
             raise ConfigError("sd21: adapters were fused for inference; save before fusing")
         files = {ADAPTERS_NAME: self._adapter_tensors()}
         if self.arch.base_model is None:
-            files[BASE_NAME] = {
-                f"{prefix}{clean}": module.state_dict()[key]
-                for prefix, module in (("unet.", self.unet), ("vae.", self.vae))
-                for clean, key in _base_keys(module).items()
-            }
+            files[BASE_NAME] = {}
+            for prefix, module in (("unet.", self.unet), ("vae.", self.vae)):
+                state = module.state_dict()
+                files[BASE_NAME].update({prefix + clean: state[key] for clean, key in _base_keys(module).items()})
         return files
 
     def load_state_files(self, files: dict[str, dict[str, torch.Tensor]]) -> None:

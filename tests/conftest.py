@@ -1,0 +1,177 @@
+"""Shared fixtures: tiny real checkpoints, real Pillow images, call counters and a CLI runner.
+
+Nothing here mocks torch: every student is a real ``models`` student with real weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models
+from models.config import StudentConfig
+from models.presets import load_preset
+
+# The tensors in this suite are tiny; with several OpenMP threads the per-op synchronisation
+# dominates (and on a shared 2-core runner it can cost 30x). One thread keeps the suite fast.
+torch.set_num_threads(1)
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+PHOTO = TESTS / "data" / "seeding_96x72.jpg"
+
+#: A compact student small enough for many forward passes on a CPU in a test.
+SMALL_COMPACT_ARCH: dict[str, int] = {
+    "features": 16,
+    "latent_channels": 8,
+    "encoder_blocks": 1,
+    "body_blocks": 1,
+    "velocity_blocks": 1,
+    "decoder_blocks": 1,
+    "upsample_features": 12,
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+# -- students ---------------------------------------------------------------------------------
+def compact_config(**arch: int) -> StudentConfig:
+    """The small compact config (``arch`` overrides single options)."""
+    config = load_preset("compact-x4")
+    config.arch = {**SMALL_COMPACT_ARCH, **arch}
+    return config
+
+
+def make_compact(velocity_gain: float = 1.0, seed: int = 0, **arch: int) -> models.CTSRStudent:
+    """A small compact student; ``velocity_gain`` scales the velocity head so alpha matters a lot."""
+    torch.manual_seed(seed)
+    student = models.build_student(compact_config(**arch)).eval()
+    if velocity_gain != 1.0:
+        head = student.velocity_net[-1]
+        with torch.no_grad():
+            head.weight.mul_(velocity_gain)
+            head.bias.mul_(velocity_gain)
+    return student
+
+
+def perturb_lora(student: torch.nn.Module, std: float = 0.02) -> int:
+    """peft starts every lora_B at zero (a no-op adapter); give them small random values."""
+    count = 0
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * std)
+                count += 1
+    assert count > 0, "no LoRA parameters found to perturb"
+    return count
+
+
+def make_sd21(seed: int = 0) -> models.CTSRStudent:
+    torch.manual_seed(seed)
+    student = models.build_student(load_preset("sd21-tiny"))
+    perturb_lora(student)
+    return student.eval()
+
+
+@pytest.fixture(scope="session")
+def compact_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A default-size (compact-x4) checkpoint, saved once per session. Treat it as read-only."""
+    torch.manual_seed(1)
+    student = models.build_student(load_preset("compact-x4"))
+    return models.save_student(student, tmp_path_factory.mktemp("ckpt") / "compact", {"test": "compact"})
+
+
+@pytest.fixture(scope="session")
+def small_compact_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return models.save_student(make_compact(seed=2), tmp_path_factory.mktemp("ckpt") / "small-compact")
+
+
+@pytest.fixture(scope="session")
+def sd21_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An sd21-tiny checkpoint with perturbed LoRA weights (base stored inside). Read-only."""
+    return models.save_student(make_sd21(seed=3), tmp_path_factory.mktemp("ckpt") / "sd21-tiny", {"test": "sd21"})
+
+
+# -- images -----------------------------------------------------------------------------------
+def photo_tensor(width: int | None = None, height: int | None = None) -> torch.Tensor:
+    """The real test photo as ``[3, H, W]`` in [0, 1], optionally resized (Lanczos)."""
+    img = Image.open(PHOTO).convert("RGB")
+    if width is not None and height is not None:
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    array = np.array(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def photo_crop(left: int, top: int, width: int, height: int) -> torch.Tensor:
+    return photo_tensor()[:, top : top + height, left : left + width].contiguous()
+
+
+# -- instrumentation (wraps real bound methods; not a mock) -----------------------------------
+class CallCounter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+
+def count_calls(
+    monkeypatch: pytest.MonkeyPatch,
+    obj: Any,
+    name: str,
+    record: Callable[..., Any] | None = None,
+) -> CallCounter:
+    """Replace ``obj.name`` by a wrapper that records each call and runs the original method."""
+    original = getattr(obj, name)
+    counter = CallCounter()
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        counter.calls.append(record(*args, **kwargs) if record else args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return counter
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def run_cli(
+    *args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """``python -m ctsr.cli ARGS`` in a real subprocess (the interpreter running the tests)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ctsr.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> str:
+    """stderr is exactly one 'ctsr: error: ...' line (no traceback) containing ``fragments``."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("ctsr: error:"), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

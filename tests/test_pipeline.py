@@ -1,0 +1,353 @@
+"""Tiling, cross-image batching, out-of-memory splitting and colour correction."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compact_config, count_calls, make_compact, make_sd21, photo_crop, photo_tensor
+
+from models import ConfigError, CTSRError
+from models.archs.compact import CompactStudent
+from models.color import COLOR_FIXES, adain_color_fix, apply_color_fix, check_color_fix, wavelet_color_fix
+from models.pipeline import JobCanvas, TileRunner, UpscaleJob, Upscaler
+from models.tiling import TileGrid
+
+# -- TileGrid ---------------------------------------------------------------------------------
+GRIDS = [
+    # height, width, tile, overlap, multiple
+    (53, 70, 36, 16, 1),
+    (64, 64, 40, 16, 1),  # regular: 64 = 40 + 24
+    (100, 37, 32, 8, 1),
+    (20, 14, 48, 16, 1),  # smaller than one tile
+    (90, 61, 30, 12, 8),  # tile rounded up to the multiple
+    (200, 150, 48, 0, 1),
+]
+
+
+def _coverage(grid: TileGrid, scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(how many tiles cover each LR pixel, summed blend weight per SR pixel) on the padded canvas."""
+    ph, pw = grid.padded
+    count = torch.zeros(ph, pw)
+    weight = torch.zeros(1, ph * scale, pw * scale)
+    for y, x in grid.boxes:
+        count[y : y + grid.tile_h, x : x + grid.tile_w] += 1
+        w = grid.weight(y, x, scale)
+        assert w.shape == (1, grid.tile_h * scale, grid.tile_w * scale)
+        weight[:, y * scale : (y + grid.tile_h) * scale, x * scale : (x + grid.tile_w) * scale] += w
+    return count, weight
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap", "multiple"), GRIDS)
+def test_grid_covers_every_pixel(height: int, width: int, tile: int, overlap: int, multiple: int) -> None:
+    grid = TileGrid.plan(height, width, tile, overlap, multiple)
+    assert grid.tile_h == grid.tile_w == math.ceil(tile / multiple) * multiple
+    ph, pw = grid.padded
+    assert (ph, pw) == (max(height, grid.tile_h), max(width, grid.tile_w))
+    assert len(grid) == len(grid.boxes) == len(set(grid.boxes))
+    for y, x in grid.boxes:
+        assert y >= 0 and y + grid.tile_h <= ph
+        assert x >= 0 and x + grid.tile_w <= pw
+    count, weight = _coverage(grid, scale=4)
+    assert bool((count >= 1).all()), "every LR pixel lies in some tile"
+    assert bool((weight > 0).all()), "every SR pixel gets a positive blend weight"
+    # neighbouring tiles overlap by at least the requested amount
+    for starts, size in ((grid.ys, grid.tile_h), (grid.xs, grid.tile_w)):
+        for a, b in itertools.pairwise(starts):
+            assert b > a and a + size - b >= overlap
+
+
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap"), [(64, 40, 16), (112, 40, 16), (84, 36, 12), (100, 40, 10), (86, 40, 17)]
+)
+def test_neighbour_weights_sum_to_one(length: int, tile: int, overlap: int) -> None:
+    """On a regular grid (length = tile + k * stride) the feathered weights are a partition of unity."""
+    assert (length - tile) % (tile - overlap) == 0
+    grid = TileGrid.plan(length, length, tile, overlap)
+    assert len(grid.ys) == (length - tile) // (tile - overlap) + 1
+    _, weight = _coverage(grid, scale=4)
+    torch.testing.assert_close(weight, torch.ones_like(weight), atol=1e-6, rtol=0)
+    # and the blend is a real ramp, not a hard seam
+    first = grid.weight(0, 0, 4)[0, 0]
+    assert 0 < float(first[(tile - overlap // 2) * 4]) < 1
+
+
+def test_single_tile_and_image_borders_have_full_weight() -> None:
+    grid = TileGrid.plan(53, 70, 0, 16, multiple=8)
+    assert len(grid) == 1 and (grid.tile_h, grid.tile_w) == (56, 72)
+    assert bool((grid.weight(0, 0, 4) == 1).all())
+    grid = TileGrid.plan(53, 70, 36, 16)
+    corner = grid.weight(0, 0, 4)[0]
+    assert float(corner[0, 0]) == 1.0 and float(corner[-1, -1]) == 0.0
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(32, 16), (32, 20), (20, 10), (8, 30)])
+def test_overlap_of_half_a_tile_or_more_is_rejected(tile: int, overlap: int) -> None:
+    with pytest.raises(ConfigError, match="less than half the tile"):
+        TileGrid.plan(100, 100, tile, overlap)
+
+
+def test_grid_rejects_negative_sizes_and_accepts_just_under_half() -> None:
+    with pytest.raises(ConfigError):
+        TileGrid.plan(10, 10, -1, 0)
+    with pytest.raises(ConfigError):
+        TileGrid.plan(10, 10, 8, -1)
+    assert len(TileGrid.plan(100, 100, 32, 15)) == 25  # starts 0, 17, 34, 51, 68
+
+
+# -- tiled == whole -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runner() -> TileRunner:
+    """A small compact student whose velocity is amplified so alpha changes the output visibly."""
+    return TileRunner(make_compact(velocity_gain=30.0), device="cpu")
+
+
+@pytest.mark.parametrize("color_fix", ["none", "wavelet"])
+def test_tiled_output_equals_whole_image(runner: TileRunner, color_fix: str) -> None:
+    image = photo_tensor(70, 53)  # not a multiple of any tile below
+    job = UpscaleJob(image, (0.0, 1.0), color_fix)
+    (whole,) = Upscaler(runner, tile=0).run([job])
+    assert whole.shape == (2, 3, 212, 280)
+    assert float(whole.min()) >= 0 and float(whole.max()) <= 1
+    assert float((whole[0] - whole[1]).abs().max()) > 10 / 255, "the two alphas must give different images"
+    for tile in (36, 40, 48):
+        upscaler = Upscaler(runner, tile=tile, overlap=16, max_batch=8)
+        assert len(upscaler.canvas(job).grid) > 1
+        (tiled,) = upscaler.run([job])
+        assert tiled.shape == whole.shape
+        assert float((tiled - whole).abs().max()) <= 2 / 255, f"tile {tile}"
+
+
+def test_tiles_of_different_images_share_batches(runner: TileRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = [
+        UpscaleJob(photo_tensor(70, 53), (0.0, 1.0), "wavelet"),
+        UpscaleJob(photo_crop(30, 20, 40, 30), (0.5,), "none"),
+        UpscaleJob(photo_crop(5, 40, 20, 14), (0.25, 1.0), "adain"),
+    ]
+    upscaler = Upscaler(runner, tile=36, overlap=16, max_batch=8)
+    tiles = [len(upscaler.canvas(job).grid) for job in jobs]
+    assert tiles == [6, 2, 1]
+
+    alone = [upscaler.run([job])[0] for job in jobs]
+    batch_sizes = count_calls(monkeypatch, runner.student, "generate", lambda lr, alphas, **kw: lr.shape[0])
+    progress: list[int] = []
+    together = upscaler.run(jobs, progress=progress.append)
+
+    assert batch_sizes.calls == [8, 1]  # 9 tiles of 3 images in 2 forward passes
+    assert batch_sizes.count == math.ceil(sum(tiles) / 8) < sum(tiles)
+    assert sum(progress) == sum(tiles)
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+        assert a.shape == b.shape == (len(jobs[i].alphas), 3, jobs[i].image.shape[1] * 4, jobs[i].image.shape[2] * 4)
+        assert float((a - b).abs().max()) <= 1e-5, f"job {i}"
+    # each job really got its own alphas: job 2's alpha-1 output is not its alpha-0.25 output
+    assert float((together[2][0] - together[2][1]).abs().max()) > 1e-2
+
+
+def test_image_smaller_than_tile(runner: TileRunner) -> None:
+    image = photo_crop(11, 13, 21, 14)
+    (out,) = Upscaler(runner, tile=48, overlap=16).run([UpscaleJob(image, (0.0, 1.0), "wavelet")])
+    assert out.shape == (2, 3, 56, 84)
+    assert torch.isfinite(out).all()
+    # away from the padded right/bottom edges it matches the unpadded whole-image result
+    (whole,) = Upscaler(runner, tile=0).run([UpscaleJob(image, (0.0, 1.0), "wavelet")])
+    assert float((out[..., :24, :48] - whole[..., :24, :48]).abs().max()) <= 2 / 255
+
+
+def test_canvas_refuses_partial_result(runner: TileRunner) -> None:
+    upscaler = Upscaler(runner, tile=36, overlap=16)
+    canvas: JobCanvas = upscaler.canvas(UpscaleJob(photo_tensor(70, 53), (0.5,), "none"))
+    works = list(canvas.works())
+    assert len(works) == len(canvas.grid) == 6
+    assert all(tuple(w.lr.shape) == (3, 36, 36) for w in works)
+    for work, out in zip(works[:-1], runner.run(works[:-1]), strict=True):
+        canvas.add(work, out)
+    assert not canvas.done
+    with pytest.raises(RuntimeError, match="1 tile"):
+        canvas.result()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alphas": (1.5,)}, "alpha must be in"),
+        ({"alphas": (float("nan"),)}, "alpha must be in"),
+        ({"alphas": ()}, "at least one alpha"),
+        ({"color_fix": "sharpen"}, "unknown colour fix"),
+        ({"image": torch.zeros(1, 8, 8)}, "expected a"),
+    ],
+)
+def test_upscale_job_validation(kwargs: dict, match: str) -> None:
+    args = {"image": torch.zeros(3, 8, 8), "alphas": (0.5,), "color_fix": "none", **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        UpscaleJob(**args)
+
+
+def test_upscaler_rejects_zero_batch(runner: TileRunner) -> None:
+    with pytest.raises(ConfigError, match="max_batch"):
+        Upscaler(runner, max_batch=0)
+
+
+class MultipleOf8(CompactStudent):
+    size_multiple = 8
+
+
+def test_inputs_are_padded_to_the_size_multiple(monkeypatch: pytest.MonkeyPatch) -> None:
+    student = MultipleOf8(compact_config())
+    runner = TileRunner(student, device="cpu")
+    shapes = count_calls(monkeypatch, runner.student, "encode", lambda lr: tuple(lr.shape[-2:]))
+    image = photo_tensor(70, 53)
+    (whole,) = Upscaler(runner, tile=0).run([UpscaleJob(image, (0.5,), "none")])
+    (tiled,) = Upscaler(runner, tile=30, overlap=12).run([UpscaleJob(image, (0.5,), "none")])
+    assert shapes.calls[0] == (56, 72)
+    assert set(shapes.calls[1:]) == {(32, 32)}
+    assert whole.shape == tiled.shape == (1, 3, 212, 280)
+
+
+def test_sd21_runs_through_the_pipeline() -> None:
+    """The runner fuses the adapters; the result still matches the unfused student."""
+    student = make_sd21()
+    image = photo_crop(3, 4, 13, 9)
+    with torch.no_grad():
+        expected = student(image[None].expand(2, -1, -1, -1), torch.tensor([0.0, 1.0])).clamp(0, 1)
+    runner = TileRunner(student, device="cpu")
+    assert student.unet_velocity is not None
+    (out,) = Upscaler(runner, tile=0).run([UpscaleJob(image, (0.0, 1.0), "none")])
+    assert out.shape == (2, 3, 36, 52)
+    assert float((out - expected).abs().max()) <= 1e-4
+    assert float((out[0] - out[1]).abs().max()) > 1e-2
+
+
+def test_bf16_on_cpu_returns_float32_close_to_fp32() -> None:
+    image = photo_tensor(40, 30)
+    job = UpscaleJob(image, (0.0, 1.0), "wavelet")
+    (fp32,) = Upscaler(TileRunner(make_compact(velocity_gain=30.0), device="cpu"), tile=36, overlap=16).run([job])
+    runner = TileRunner(make_compact(velocity_gain=30.0), device="cpu", dtype="bf16")
+    assert next(runner.student.parameters()).dtype == torch.bfloat16
+    (bf16,) = Upscaler(runner, tile=36, overlap=16).run([job])
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    assert float((bf16 - fp32).abs().mean()) < 0.01
+    assert float((bf16 - fp32).abs().max()) < 0.15
+
+
+# -- out of memory ------------------------------------------------------------------------------
+class OOMAboveBatch(CompactStudent):
+    """A real compact student whose encode runs out of memory above ``limit`` samples."""
+
+    limit = 2
+
+    def encode(self, lr: torch.Tensor) -> torch.Tensor:
+        if lr.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return super().encode(lr)
+
+
+def _oom_runner(limit: int, reference: CompactStudent) -> TileRunner:
+    student = OOMAboveBatch(compact_config())
+    student.limit = limit
+    student.load_state_dict(reference.state_dict())
+    return TileRunner(student, device="cpu")
+
+
+def _six_tiles() -> list:
+    reference = make_compact(velocity_gain=30.0)
+    upscaler = Upscaler(TileRunner(reference, device="cpu"), tile=36, overlap=16)
+    works = list(upscaler.canvas(UpscaleJob(photo_tensor(70, 53), (0.0, 0.7), "wavelet")).works())
+    assert len(works) == 6
+    return reference, upscaler.runner, works
+
+
+def test_out_of_memory_splits_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    reference, ref_runner, works = _six_tiles()
+    expected = ref_runner.run(works)
+    assert ref_runner.oom_retries == 0
+
+    runner = _oom_runner(2, reference)
+    sizes = count_calls(monkeypatch, runner.student, "generate", lambda lr, alphas, **kw: lr.shape[0])
+    result = runner.run(works)
+    assert runner.oom_retries > 0
+    assert sizes.calls[0] == 6  # first tried as one batch
+    assert sum(s for s in sizes.calls if s <= 2) == 6, "every tile ran exactly once in a batch that fit"
+    assert len(result) == len(expected) == 6
+    for got, want in zip(result, expected, strict=True):
+        assert got.shape == want.shape == (2, 3, 144, 144)
+        assert float((got - want).abs().max()) <= 1e-5
+
+
+def test_out_of_memory_on_a_single_tile_is_a_user_error() -> None:
+    reference, _, works = _six_tiles()
+    runner = _oom_runner(0, reference)
+    with pytest.raises(CTSRError) as info:
+        runner.run(works)
+    assert "smaller tile" in str(info.value)
+    assert "36x36" in str(info.value)
+    assert runner.oom_retries > 0
+
+
+def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    reference, _, works = _six_tiles()
+    runner = TileRunner(reference, device="cpu")
+
+    def broken(lr: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("shape mismatch somewhere")
+
+    monkeypatch.setattr(runner.student, "encode", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        runner.run(works)
+    assert runner.oom_retries == 0
+
+
+# -- colour fix ---------------------------------------------------------------------------------
+def _lr_and_up() -> tuple[torch.Tensor, torch.Tensor]:
+    lr = photo_tensor(24, 18)[None]
+    up = F.interpolate(lr, size=(72, 96), mode="bicubic", align_corners=False).clamp(0, 1)
+    return lr, up
+
+
+def _channel_mean_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.mean((2, 3)) - b.mean((2, 3))).abs().max())
+
+
+@pytest.mark.parametrize("method", ["wavelet", "adain"])
+def test_colour_fix_removes_a_colour_cast(method: str) -> None:
+    lr, up = _lr_and_up()
+    shifted = up + torch.tensor([0.2, -0.1, 0.15]).view(1, 3, 1, 1)
+    assert _channel_mean_error(shifted, up) >= 0.1
+    fixed = apply_color_fix(shifted, lr, [method])
+    assert _channel_mean_error(fixed, up) < 0.01
+    direct = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}[method](shifted, up)
+    assert _channel_mean_error(direct, up) < 0.01
+
+
+def test_colour_fix_none_leaves_output_alone() -> None:
+    lr, up = _lr_and_up()
+    shifted = up + 0.2
+    assert torch.equal(apply_color_fix(shifted, lr, ["none"]), shifted)
+
+
+def test_wavelet_keeps_high_frequency_detail() -> None:
+    _, up = _lr_and_up()
+    yy, xx = torch.meshgrid(torch.arange(72), torch.arange(96), indexing="ij")
+    detail = ((yy + xx) % 2 * 2 - 1).float().mul(0.05).expand(1, 3, -1, -1)  # a pixel checkerboard
+    fixed = wavelet_color_fix(up + 0.2 + detail, up)
+    recovered = (fixed - up)[..., 8:-8, 8:-8]
+    assert float((recovered - detail[..., 8:-8, 8:-8]).abs().max()) < 0.01
+    assert _channel_mean_error(fixed, up) < 0.01
+
+
+def test_colour_fix_per_sample_methods() -> None:
+    lr, up = _lr_and_up()
+    lr3, shifted = lr.expand(3, -1, -1, -1), (up + 0.2).expand(3, -1, -1, -1)
+    fixed = apply_color_fix(shifted, lr3, ["wavelet", "adain", "none"])
+    for i, method in enumerate(["wavelet", "adain", "none"]):
+        alone = apply_color_fix(shifted[i : i + 1], lr3[i : i + 1], [method])
+        torch.testing.assert_close(fixed[i : i + 1], alone, atol=1e-6, rtol=0)
+    assert _channel_mean_error(fixed[2:], up) > 0.19
+
+
+def test_unknown_colour_fix_is_a_config_error() -> None:
+    assert all(check_color_fix(name) == name for name in COLOR_FIXES)
+    with pytest.raises(ConfigError, match="unknown colour fix 'histogram'"):
+        check_color_fix("histogram")

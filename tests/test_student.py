@@ -1,0 +1,182 @@
+"""The student interface: per-sample alphas, sweeps that encode once, sd21 adapter fusing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import count_calls, make_compact, make_sd21, photo_crop
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+import models
+from models.presets import load_preset
+
+FAMILIES = ["compact", "sd21"]
+#: compact has no normalisation; sd21's GroupNorm/attention reductions depend a little on batch.
+TOL = {"compact": 1e-5, "sd21": 1e-4}
+
+
+def _student(family: str) -> models.CTSRStudent:
+    return make_compact() if family == "compact" else make_sd21()
+
+
+def _lr(family: str, batch: int) -> torch.Tensor:
+    w, h = (24, 20) if family == "compact" else (16, 12)
+    return torch.stack([photo_crop(7 + 19 * i, 5 + 11 * i, w, h) for i in range(batch)])
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_alpha_batch_equals_single_runs(family: str) -> None:
+    student, lr = _student(family), _lr(family, 3)
+    alphas = [0.0, 0.3, 1.0]
+    with torch.no_grad():
+        batched = student(lr, torch.tensor(alphas))
+        singles = [student(lr[i : i + 1], a)[0] for i, a in enumerate(alphas)]
+        # the same first sample at the two ends of the range: alpha has to matter
+        ends = student(lr[:1].expand(2, -1, -1, -1), torch.tensor([0.0, 1.0]))
+    assert batched.shape == (3, 3, lr.shape[2] * 4, lr.shape[3] * 4)
+    assert _max_diff(ends[0], ends[1]) > 100 * TOL[family]
+    for i, single in enumerate(singles):
+        assert _max_diff(batched[i], single) <= TOL[family], f"sample {i} (alpha {alphas[i]})"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scalar_alpha_broadcasts(family: str) -> None:
+    student, lr = _student(family), _lr(family, 2)
+    with torch.no_grad():
+        assert _max_diff(student(lr, 0.5), student(lr, torch.tensor([0.5, 0.5]))) <= TOL[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sweep_equals_separate_forwards(family: str) -> None:
+    student, lr = _student(family), _lr(family, 2)
+    alphas = [0.0, 0.5, 1.0]
+    with torch.no_grad():
+        sweep = student.sweep(lr, alphas)
+        separate = [student(lr, a) for a in alphas]
+    assert sweep.shape == (3, 2, 3, lr.shape[2] * 4, lr.shape[3] * 4)
+    assert _max_diff(separate[0], separate[2]) > 100 * TOL[family]
+    for i, a in enumerate(alphas):
+        assert _max_diff(sweep[i], separate[i]) <= TOL[family], f"alpha {a}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sweep_encodes_and_predicts_velocity_once(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    student, lr = _student(family), _lr(family, 2)
+    batch_size = lambda x: x.shape[0]  # noqa: E731
+    encode = count_calls(monkeypatch, student, "encode", batch_size)
+    velocity = count_calls(monkeypatch, student, "velocity", batch_size)
+    decode = count_calls(monkeypatch, student, "decode", batch_size)
+
+    with torch.no_grad():
+        student.sweep(lr, [0.0, 0.5, 1.0])
+    assert encode.calls == [2]
+    assert velocity.calls == [2]
+    # 2 samples x 3 alphas = 6 latents, decoded in chunks of the input batch size (2)
+    assert decode.calls == [2, 2, 2]
+
+
+def test_generate_decode_chunks_and_per_sample_alpha_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    student, lr = make_compact(), _lr("compact", 3)
+    batch_size = lambda x: x.shape[0]  # noqa: E731
+    encode = count_calls(monkeypatch, student, "encode", batch_size)
+    velocity = count_calls(monkeypatch, student, "velocity", batch_size)
+    decode = count_calls(monkeypatch, student, "decode", batch_size)
+    alphas = [[0.0], [0.25, 0.75, 1.0], [0.5, 0.0]]
+    with torch.no_grad():
+        outputs = student.generate(lr, alphas, decode_batch=4)
+    assert encode.calls == [3] and velocity.calls == [3]
+    assert decode.calls == [4, 2]  # 6 latents in chunks of 4
+    assert decode.count == math.ceil(6 / 4)
+    assert [tuple(o.shape) for o in outputs] == [(n, 3, 80, 96) for n in (1, 3, 2)]
+    with torch.no_grad():
+        for i, sample_alphas in enumerate(alphas):
+            for j, a in enumerate(sample_alphas):
+                expected = student(lr[i : i + 1], a)[0]
+                assert _max_diff(outputs[i][j], expected) <= 1e-5, (i, a)
+
+
+def test_alpha_zero_skips_velocity(monkeypatch: pytest.MonkeyPatch) -> None:
+    student, lr = make_compact(), _lr("compact", 2)
+    velocity = count_calls(monkeypatch, student, "velocity")
+    with torch.no_grad():
+        student(lr, 0.0)
+        student.sweep(lr, [0.0])
+        student.generate(lr, [[0.0], [0.0, 0.0]])
+        assert velocity.count == 0
+        student(lr, torch.tensor([0.0, 0.5]))
+    assert velocity.count == 1
+
+
+def test_generate_rejects_mismatched_alpha_lists() -> None:
+    student, lr = make_compact(), _lr("compact", 2)
+    with pytest.raises(ValueError, match="2 inputs but 1 alpha lists"):
+        student.generate(lr, [[0.5]])
+
+
+def test_compact_output_depends_on_alpha_linearly_in_latent() -> None:
+    """z_alpha = z0 + alpha * v: decoding the mixed latent by hand gives the student's output."""
+    student, lr = make_compact(), _lr("compact", 1)
+    with torch.no_grad():
+        z0 = student.encode(lr)
+        v = student.velocity(z0)
+        by_hand = student.decode(z0 + 0.3 * v)
+        assert _max_diff(student(lr, 0.3), by_hand) <= 1e-6
+
+
+# -- sd21 adapters ----------------------------------------------------------------------------
+def _lora_layers(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def test_sd21_fused_matches_unfused() -> None:
+    student, lr = make_sd21(), _lr("sd21", 2)
+    alphas = torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        z0 = student.encode(lr)
+        v = student.velocity(z0)
+        unfused = student(lr, alphas)
+        sweep = student.sweep(lr, [0.0, 0.5, 1.0])
+        # the perturbed LoRAs are what this test is about: without them the output differs
+        torch.manual_seed(0)
+        plain = models.build_student(load_preset("sd21-tiny")).eval()
+        assert _max_diff(plain(lr, alphas), unfused) > 1e-3
+    assert _max_diff(unfused[0], unfused[1]) > 1e-2
+    assert _lora_layers(student.unet) > 0 and _lora_layers(student.vae) > 0
+
+    student.prepare_for_inference()
+    assert student.unet_velocity is not None
+    for module in (student.unet, student.unet_velocity, student.vae):
+        assert _lora_layers(module) == 0, "fusing must remove every LoRA wrapper"
+    with torch.no_grad():
+        assert _max_diff(student.velocity(z0), v) <= 1e-4
+        assert _max_diff(student(lr, alphas), unfused) <= 1e-4
+        assert _max_diff(student.sweep(lr, [0.0, 0.5, 1.0]), sweep) <= 1e-4
+        student.prepare_for_inference()  # a second call is a no-op
+        assert _max_diff(student(lr, alphas), unfused) <= 1e-4
+
+
+def test_sd21_unfused_uses_student_adapter_for_encode_and_velocity_adapter_for_velocity() -> None:
+    """Leaving the wrong adapter active would silently change the output."""
+    student, lr = make_sd21(), _lr("sd21", 1)
+    with torch.no_grad():
+        z0_first = student.encode(lr)
+        v = student.velocity(z0_first)
+        z0_again = student.encode(lr)  # after velocity() switched adapters
+        v_again = student.velocity(z0_again)
+    assert torch.equal(z0_first, z0_again)
+    assert torch.equal(v, v_again)
+    assert _max_diff(v, z0_first) > 1e-3
+
+
+def test_sd21_size_multiple_and_output_size() -> None:
+    student = make_sd21()
+    assert student.size_multiple == 1  # tiny VAE /2 and UNet /2 against x4
+    with torch.no_grad():
+        out = student(photo_crop(0, 0, 13, 9)[None], 0.5)
+    assert out.shape == (1, 3, 36, 52)
