@@ -37,19 +37,7 @@ for run in ("fp16", "bf16", "compiled"):
         print(f"compact cuda {run} vs cpu fp32, alpha {a}: {x.shape}, mean |diff| {d.mean():.3f}/255, max {d.max():.0f}/255")
 PY
   echo "== real CUDA out-of-memory: allocator capped at 4 GiB, 16 tiles of 512^2 LR per batch =="
-  $py - <<'PY'
-import torch
-from models import build_student
-from models.pipeline import TileRunner, UpscaleJob, Upscaler
-from models.presets import load_preset
-torch.manual_seed(0)
-torch.cuda.set_per_process_memory_fraction(4 / (torch.cuda.get_device_properties(0).total_memory / 2**30))
-runner = TileRunner(build_student(load_preset("compact-x4")), "cuda", "fp16")
-(out,) = Upscaler(runner, tile=512, overlap=32, max_batch=16).run([UpscaleJob(torch.rand(3, 1400, 1400), (0.0, 1.0))])
-print("output", tuple(out.shape), "oom_retries", runner.oom_retries, "peak GiB",
-      round(torch.cuda.max_memory_allocated() / 2**30, 2))
-assert runner.oom_retries > 0 and out.shape == (2, 3, 5600, 5600)
-PY
+  $py benchmarks/cuda_oom_check.py --cap-gib 4
   echo "== compact on CUDA, fp16, 512^2 out =="
   $py benchmarks/bench_model.py --family compact --device cuda --dtype fp16 --json "$OUT/compact_cuda.json"
 }

@@ -167,21 +167,24 @@ class TileRunner:
         """Outputs ``[len(w.alphas), 3, th*s, tw*s]`` (float, on the device), one per work."""
         if not works:
             return []
+        decode_batch = decode_batch or len(works)
         try:
-            return self._forward(works, decode_batch or len(works))
+            return self._forward(works, decode_batch)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(works) == 1 and (decode_batch or 1) == 1:
-                shape = tuple(works[0].lr.shape[1:])
-                raise CTSRError(f"out of memory on a single {shape[0]}x{shape[1]} tile; use a smaller tile") from None
-            self.oom_retries += 1
-            if len(works) == 1:
-                return self.run(works, decode_batch=1)
-            half = len(works) // 2
-            return self.run(works[:half], decode_batch) + self.run(works[half:], decode_batch)
+        # Retry only here, outside the except block: the exception's traceback keeps the failed
+        # attempt's activations alive, so retrying inside it would run out of memory again.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(works) == 1 and decode_batch == 1:
+            h, w = works[0].lr.shape[1:]
+            raise CTSRError(f"out of memory on a single {h}x{w} tile; use a smaller tile")
+        self.oom_retries += 1
+        if len(works) == 1:
+            return self.run(works, decode_batch=1)
+        half = len(works) // 2
+        return self.run(works[:half], decode_batch) + self.run(works[half:], decode_batch)
 
 
 class Upscaler:
