@@ -32,19 +32,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(fn, batch: int, device: torch.device, warmup: int, min_time: float, min_iters: int) -> float:
-    """Images/s: the median over timed repetitions of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
+def _rates(fns, batch: int, device: torch.device, warmup: int, min_time: float, min_iters: int) -> list[float]:
+    """Images/s of each function: medians over interleaved rounds (A, B, A, B, ...), so clock
+    and load drift hit all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < min_iters or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+    while len(times[0]) < min_iters or time.perf_counter() - start < min_time * len(fns):
+        for fn, bucket in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            bucket.append(time.perf_counter() - t0)
+    return [batch / statistics.median(bucket) for bucket in times]
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -78,8 +81,7 @@ def bench(args: argparse.Namespace) -> dict:
                 return upscaler.run([UpscaleJob(img, (0.5,), args.color_fix) for img in images])
 
             t0 = time.perf_counter()
-            bare_rate = _rate(bare, batch, device, args.warmup, args.min_time, args.min_iters)
-            pipe_rate = _rate(pipeline, batch, device, args.warmup, args.min_time, args.min_iters)
+            bare_rate, pipe_rate = _rates([bare, pipeline], batch, device, args.warmup, args.min_time, args.min_iters)
             row = {
                 "batch": batch,
                 "compile": compile_,
@@ -126,7 +128,7 @@ def main() -> None:
     p.add_argument("--compile-batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     p.add_argument("--color-fix", default="wavelet")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--min-iters", type=int, default=3)
+    p.add_argument("--min-iters", type=int, default=5)
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per cell")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()

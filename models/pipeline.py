@@ -78,10 +78,15 @@ class JobCanvas:
 
     def __post_init__(self) -> None:
         self.remaining = len(self.grid)
-        ph, pw = self.grid.padded
-        s, a = self.scale, len(self.job.alphas)
-        self._sum = torch.zeros(a, 3, ph * s, pw * s, device=self.device)
-        self._weight = torch.zeros(1, ph * s, pw * s, device=self.device)
+        self._sum: torch.Tensor | None = None  # allocated on the first tile (multi-tile grids)
+        self._weight: torch.Tensor | None = None
+        self._single: torch.Tensor | None = None  # a one-tile grid needs no blending buffers
+
+    @staticmethod
+    def nbytes(grid: TileGrid, scale: int, alphas: int) -> int:
+        """Float32 bytes of the blending buffers for ``grid``."""
+        ph, pw = grid.padded
+        return (alphas * 3 + 1) * ph * scale * pw * scale * 4
 
     def works(self) -> Iterator[TileWork]:
         image = self.job.image
@@ -96,18 +101,21 @@ class JobCanvas:
 
     def add(self, work: TileWork, output: torch.Tensor) -> None:
         """Blend one tile's ``[A, 3, th*s, tw*s]`` output in."""
-        s, (y, x) = self.scale, work.box
         output = output.to(self.device, torch.float32)
-        region = (slice(None), slice(None), slice(y * s, (y + self.grid.tile_h) * s),
-                  slice(x * s, (x + self.grid.tile_w) * s))  # fmt: skip
-        if len(self.grid) == 1:
-            self._sum[region] = output
-            self._weight[region[1:]] = 1
-        else:
-            w = self.grid.weight(y, x, s).to(self.device)
-            self._sum[region] += output * w
-            self._weight[region[1:]] += w
         self.remaining -= 1
+        if len(self.grid) == 1:
+            self._single = output
+            return
+        if self._sum is None:
+            ph, pw = self.grid.padded
+            s, a = self.scale, len(self.job.alphas)
+            self._sum = torch.zeros(a, 3, ph * s, pw * s, device=self.device)
+            self._weight = torch.zeros(1, ph * s, pw * s, device=self.device)
+        s, (y, x) = self.scale, work.box
+        rows, cols = slice(y * s, (y + self.grid.tile_h) * s), slice(x * s, (x + self.grid.tile_w) * s)
+        w = self.grid.weight(y, x, s).to(self.device)
+        self._sum[:, :, rows, cols] += output * w
+        self._weight[:, rows, cols] += w
 
     @property
     def done(self) -> bool:
@@ -118,8 +126,9 @@ class JobCanvas:
         if not self.done:
             raise RuntimeError(f"{self.remaining} tile(s) still missing")
         h, w = self.grid.height * self.scale, self.grid.width * self.scale
-        out = self._sum[..., :h, :w] / self._weight[:, :h, :w].clamp_min(1e-8)
-        return out.clamp_(0, 1)
+        if self._single is not None:
+            return self._single[..., :h, :w].clamp(0, 1)
+        return (self._sum[..., :h, :w] / self._weight[:, :h, :w].clamp_min(1e-8)).clamp_(0, 1)
 
 
 class TileRunner:
@@ -196,19 +205,27 @@ class Upscaler:
         tile: int = DEFAULT_TILE,
         overlap: int | None = None,
         max_batch: int = 4,
-        canvas_device: str | torch.device = "cpu",
+        canvas_device: str | torch.device = "auto",
+        canvas_limit: int = 1 << 30,
     ) -> None:
+        """``canvas_device="auto"`` blends on the runner's GPU while a job's buffers stay under
+        ``canvas_limit`` bytes (large images blend in host memory, so GPU memory stays bounded)."""
         if max_batch < 1:
             raise ConfigError("max_batch must be >= 1")
         if overlap is None:  # the default, shrunk for small tiles so it stays under half a tile
             overlap = min(DEFAULT_OVERLAP, tile // 4)
         self.runner, self.tile, self.overlap, self.max_batch = runner, tile, overlap, max_batch
-        self.canvas_device = torch.device(canvas_device)
+        self.canvas_device = None if canvas_device == "auto" else torch.device(canvas_device)
+        self.canvas_limit = canvas_limit
 
     def canvas(self, job: UpscaleJob) -> JobCanvas:
         _, h, w = job.image.shape
         grid = TileGrid.plan(h, w, self.tile, self.overlap, self.runner.student.size_multiple)
-        return JobCanvas(job, grid, self.runner.scale, self.canvas_device)
+        device = self.canvas_device
+        if device is None:
+            small = JobCanvas.nbytes(grid, self.runner.scale, len(job.alphas)) <= self.canvas_limit
+            device = self.runner.device if small else torch.device("cpu")
+        return JobCanvas(job, grid, self.runner.scale, device)
 
     def run(self, jobs: Sequence[UpscaleJob], progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
         """One ``[A, 3, H*s, W*s]`` CPU tensor per job; tiles of all jobs share batches."""
@@ -230,7 +247,7 @@ class Upscaler:
                     flush(key)
         for key in list(pending):
             flush(key)
-        return [c.result().cpu() for c in canvases]
+        return _to_host([c.result() for c in canvases])
 
     def upscale_image(
         self, image: LoadedImage, alphas: Sequence[float] = (DEFAULT_ALPHA,), color_fix: str = "wavelet"
@@ -238,6 +255,20 @@ class Upscaler:
         """A loaded image → one Pillow image per alpha, in the input's mode (alpha recombined)."""
         (out,) = self.run([UpscaleJob(image.rgb, alphas, color_fix)])
         return finish_images(image, out)
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Device → CPU for a list of results with one synchronisation instead of one per tensor."""
+    devices = {t.device for t in tensors if t.is_cuda}
+    if not devices:
+        return tensors
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if t.is_cuda else t for t in tensors]
+    for dst, src in zip(host, tensors, strict=True):
+        if src.is_cuda:
+            dst.copy_(src, non_blocking=True)
+    for device in devices:
+        torch.cuda.synchronize(device)
+    return host
 
 
 def finish_images(image: LoadedImage, out: torch.Tensor) -> list[Any]:
