@@ -75,7 +75,7 @@ def bench(args: argparse.Namespace) -> dict:
                 return s.decode(s.mix(z0, s.velocity(z0), alpha))
 
             images = [torch.rand(3, lr_side, lr_side) for _ in range(batch)]
-            upscaler = Upscaler(runner, tile=lr_side, overlap=0, max_batch=batch)
+            upscaler = Upscaler(runner, tile=lr_side, overlap=0, max_batch=batch, canvas_device=args.canvas_device)
 
             def pipeline(images=images, upscaler=upscaler):
                 return upscaler.run([UpscaleJob(img, (0.5,), args.color_fix) for img in images])
@@ -106,6 +106,7 @@ def bench(args: argparse.Namespace) -> dict:
         "out_size": args.out_size,
         "lr_size": lr_side,
         "color_fix": args.color_fix,
+        "canvas_device": args.canvas_device,
         "device": str(runner.device),
         "device_name": torch.cuda.get_device_name(runner.device)
         if runner.device.type == "cuda"
@@ -127,6 +128,7 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--compile-batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     p.add_argument("--color-fix", default="wavelet")
+    p.add_argument("--canvas-device", default="auto", help="where tiles are blended: auto, cpu, cuda")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-iters", type=int, default=5)
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per cell")

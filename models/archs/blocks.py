@@ -19,8 +19,14 @@ class ResidualBlock(nn.Module):
         return x + self.conv2(self.act(self.conv1(x)))
 
 
-def residual_stack(channels: int, blocks: int) -> nn.Sequential:
-    return nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)))
+def conv_trunk(in_channels: int, features: int, blocks: int, out_channels: int) -> nn.Sequential:
+    """conv in → act → ``blocks`` residual blocks → conv out: every compact stage has this shape."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, features, 3, padding=1),
+        nn.LeakyReLU(0.2, inplace=True),
+        *(ResidualBlock(features) for _ in range(blocks)),
+        nn.Conv2d(features, out_channels, 3, padding=1),
+    )
 
 
 class PixelShuffleUpsampler(nn.Sequential):

@@ -25,7 +25,7 @@ from ..config import StudentConfig, parse_arch
 from ..errors import ConfigError
 from ..registry import ARCH_REGISTRY
 from ..student import CTSRStudent
-from .blocks import PixelShuffleUpsampler, residual_stack
+from .blocks import PixelShuffleUpsampler, conv_trunk
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -53,31 +53,13 @@ class CompactStudent(CTSRStudent):
     def __init__(self, config: StudentConfig) -> None:
         super().__init__(config)
         a = parse_arch(CompactArch, config.arch, self.family)
-        act = nn.LeakyReLU(0.2, inplace=True)
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, a.features, 3, padding=1),
-            act,
-            residual_stack(a.features, a.encoder_blocks),
-            nn.Conv2d(a.features, a.latent_channels, 3, padding=1),
-        )
-        self.body = nn.Sequential(
-            nn.Conv2d(a.latent_channels, a.features, 3, padding=1),
-            act,
-            residual_stack(a.features, a.body_blocks),
-            nn.Conv2d(a.features, a.latent_channels, 3, padding=1),
-        )
-        self.velocity_net = nn.Sequential(
-            nn.Conv2d(a.latent_channels, a.features, 3, padding=1),
-            act,
-            residual_stack(a.features, a.velocity_blocks),
-            nn.Conv2d(a.features, a.latent_channels, 3, padding=1),
-        )
+        f, latent = a.features, a.latent_channels
+        self.encoder = conv_trunk(3, f, a.encoder_blocks, latent)
+        self.body = conv_trunk(latent, f, a.body_blocks, latent)
+        self.velocity_net = conv_trunk(latent, f, a.velocity_blocks, latent)
         self.decoder = nn.Sequential(
-            nn.Conv2d(a.latent_channels, a.features, 3, padding=1),
-            act,
-            residual_stack(a.features, a.decoder_blocks),
-            nn.Conv2d(a.features, a.upsample_features, 3, padding=1),
-            act,
+            conv_trunk(latent, f, a.decoder_blocks, a.upsample_features),
+            nn.LeakyReLU(0.2, inplace=True),
             PixelShuffleUpsampler(a.upsample_features, config.scale),
             nn.Conv2d(a.upsample_features, 3, 3, padding=1),
         )
