@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .contract import alpha_label
+
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPT = 1, 2, 130
 
 
@@ -40,11 +42,6 @@ def _positive(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError("must be >= 1")
     return value
-
-
-def alpha_label(alpha: float) -> str:
-    """0.5 → '0.5', 1.0 → '1', 0.125 → '0.125' (the ``_a<alpha>`` in output names)."""
-    return f"{alpha:.3f}".rstrip("0").rstrip(".")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
     info = msub.add_parser("info", help="print a checkpoint's config and parameter counts")
     info.add_argument("path", type=Path, metavar="CHECKPOINT")
     info.set_defaults(handler=cmd_model_info)
+    for name, help_ in (
+        ("serve", "the whole stack: embedded Redis (unless CTSR_REDIS_URL), one worker, the gateway"),
+        ("gateway", "the HTTP gateway only (needs CTSR_REDIS_URL)"),
+        ("worker", "one batching worker on one device (needs CTSR_REDIS_URL)"),
+    ):
+        cmd = sub.add_parser(name, help=help_, description=f"{help_}. Settings: CTSR_* environment variables.")
+        if name != "worker":
+            cmd.add_argument("--host", default=None, help="bind address (default CTSR_HOST or 127.0.0.1)")
+            cmd.add_argument("--port", type=int, default=None, help="port (default CTSR_PORT or 8000)")
+        if name != "gateway":
+            cmd.add_argument("--model", type=Path, help="checkpoint folder (default CTSR_MODEL, else bundled)")
+        cmd.set_defaults(handler=cmd_service)
     return parser
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from models.errors import ConfigError
+
+    from . import serving
+    from .settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(f"invalid CTSR_* setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    if getattr(args, "model", None):
+        settings.model = args.model
+    if args.command == "worker":
+        return serving.run_worker(settings)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    if args.command == "gateway":
+        return serving.run_gateway(settings, host, port)
+    return serving.serve(settings, host, port)
 
 
 def _plan_outputs(files: list[Path], alphas: Sequence[float], outdir: Path, overwrite: bool) -> list[list[Path]]:

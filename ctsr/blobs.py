@@ -1,0 +1,92 @@
+"""Blob store for job inputs and outputs, with a TTL on everything.
+
+RQ job arguments carry keys; bytes live here. Redis is the default (one moving part); a shared
+folder suits large outputs. Both sides open the store from the same :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+from redis import Redis
+
+
+class BlobStore(Protocol):
+    def put(self, key: str, data: bytes, ttl_s: int) -> None: ...
+    def get(self, key: str) -> bytes | None: ...
+    def delete(self, *keys: str) -> None: ...
+
+
+class RedisBlobStore:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    def put(self, key: str, data: bytes, ttl_s: int) -> None:
+        self.redis.set(key, data, ex=ttl_s)
+
+    def get(self, key: str) -> bytes | None:
+        return self.redis.get(key)
+
+    def delete(self, *keys: str) -> None:
+        if keys:
+            self.redis.delete(*keys)
+
+
+class FileBlobStore:
+    """Blobs as files named by a hash of the key; the expiry time is the file's mtime.
+
+    Expired files read as missing and are removed by :meth:`sweep` (run by workers).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / hashlib.sha256(key.encode()).hexdigest()
+
+    def put(self, key: str, data: bytes, ttl_s: int) -> None:
+        path = self._path(key)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        expires = time.time() + ttl_s
+        os.utime(tmp, (expires, expires))
+        tmp.replace(path)
+
+    def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            if path.stat().st_mtime < time.time():
+                path.unlink(missing_ok=True)
+                return None
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, *keys: str) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+    def sweep(self) -> int:
+        """Remove expired blobs; returns how many."""
+        now, removed = time.time(), 0
+        for path in self.folder.iterdir():
+            try:
+                if path.stat().st_mtime < now - 60 or (path.suffix != ".tmp" and path.stat().st_mtime < now):
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+def open_blob_store(kind: str, redis: Redis, folder: Path | None) -> BlobStore:
+    if kind == "file":
+        if folder is None:
+            raise ValueError("CTSR_BLOB_STORE=file needs CTSR_BLOB_DIR")
+        return FileBlobStore(folder)
+    return RedisBlobStore(redis)

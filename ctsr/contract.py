@@ -1,0 +1,111 @@
+"""The queue contract between the gateway (``service/``) and the workers (``worker/``).
+
+Everything both sides must agree on lives here and nowhere else: the RQ function name, the job
+payload, Redis key names, the result shape and the public job statuses. Imports no torch and
+no web framework.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+#: RQ calls this for a job; the batching worker runs the same code for many jobs at once.
+JOB_FUNC = "worker.tasks.upscale"
+KEY_PREFIX = "ctsr"
+OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+COLOR_FIXES = ("wavelet", "adain", "none")
+
+PublicStatus = Literal["queued", "started", "finished", "failed", "canceled", "expired"]
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_job_id(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+def input_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:blob:{job_id}:in"
+
+
+def output_key(job_id: str, alpha: float) -> str:
+    return f"{KEY_PREFIX}:blob:{job_id}:out:{alpha_label(alpha)}"
+
+
+def progress_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:progress:{job_id}"
+
+
+def canceled_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:canceled:{job_id}"
+
+
+def expired_key(job_id: str) -> str:
+    """Marks a job that outlived its queue deadline (it is canceled in RQ, "expired" to clients)."""
+    return f"{KEY_PREFIX}:expired:{job_id}"
+
+
+def ready_key(worker_name: str) -> str:
+    """Set (with a TTL refreshed by heartbeats) once a worker has loaded and warmed its model."""
+    return f"{KEY_PREFIX}:ready:{worker_name}"
+
+
+READY_PATTERN = f"{KEY_PREFIX}:ready:*"
+
+
+def alpha_label(alpha: float) -> str:
+    """0.5 → '0.5', 1.0 → '1': how an alpha appears in keys, URLs and file names."""
+    return f"{alpha:.3f}".rstrip("0").rstrip(".")
+
+
+@dataclass
+class JobPayload:
+    """The one argument of :data:`JOB_FUNC`: keys and options, never image bytes."""
+
+    job_id: str
+    alphas: list[float]
+    format: str = "png"
+    quality: int = 90
+    color_fix: str = "wavelet"
+    width: int = 0  # LR size, checked by the gateway
+    height: int = 0
+    submitted_at: float = field(default_factory=time.time)
+    deadline: float = 0.0  # unix time after which a job not yet started is expired
+    owner: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobPayload:
+        return cls(**data)
+
+
+@dataclass
+class JobResult:
+    """What the worker returns to RQ (stored as the job's result)."""
+
+    outputs: dict[str, str]  # alpha label → output blob key
+    content_type: str
+    width: int
+    height: int
+    batch_tiles: int = 0  # tiles in the forward passes that served this job (observability)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class JobExpired(Exception):
+    """A job waited in the queue past its deadline; the worker skips it."""
+
+
+class JobCanceled(Exception):
+    """A job was canceled while it ran; its outputs are dropped."""

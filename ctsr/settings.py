@@ -1,0 +1,50 @@
+"""Service configuration as data: every knob is a ``CTSR_*`` environment variable.
+
+Shared by the gateway and the workers (each reads the fields it needs); imports no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTSR_", extra="ignore")
+
+    # -- shared ---------------------------------------------------------------------------------
+    redis_url: str | None = None  # unset: `ctsr serve` starts an embedded redis-server
+    queue: str = "ctsr"
+    blob_store: Literal["redis", "file"] = "redis"
+    blob_dir: Path | None = None  # for blob_store=file: a folder shared by gateway and workers
+    result_ttl_s: int = Field(3600, ge=10)  # inputs, outputs and job records live this long
+
+    # -- gateway --------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = Field(20 * 2**20, ge=1024)
+    max_pixels: int = Field(16_000_000, ge=64)  # LR pixels accepted per upload
+    max_side: int = Field(8192, ge=16)
+    max_alphas: int = Field(8, ge=1)
+    max_queue_depth: int = Field(256, ge=1)  # admission control: 429 beyond this
+    max_queue_wait_s: int = Field(300, ge=1)  # a job not started by then becomes "expired"
+    max_wait_s: int = Field(60, ge=0)  # cap on `Prefer: wait=N`
+    job_timeout_s: int = Field(600, ge=10)
+    job_retries: int = Field(2, ge=0)  # retries after a worker dies mid-batch
+
+    # -- worker ---------------------------------------------------------------------------------
+    model: Path | None = None  # checkpoint folder; default: the bundled model
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    tile: int = Field(128, ge=16)
+    max_batch: int = Field(8, ge=1)  # tiles per forward pass
+    max_batch_wait_ms: int = Field(20, ge=0)  # how long a batch may wait to fill
+    max_jobs_per_pull: int = Field(16, ge=1)
+    worker_metrics_port: int = 9100  # 0: no metrics server
+    heartbeat_grace_s: int = Field(60, ge=1)  # a silent worker's jobs count as abandoned after this
+    maintenance_interval_s: int = Field(10, ge=1)
+    warmup: bool = True

@@ -1,0 +1,302 @@
+"""FastAPI application: ``POST /upscale``, ``/jobs/{id}``, results, cancel, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Retry
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from starlette.formparsers import MultiPartException
+
+from ctsr.blobs import open_blob_store
+from ctsr.contract import (
+    JOB_FUNC,
+    OUTPUT_FORMATS,
+    READY_PATTERN,
+    JobPayload,
+    alpha_label,
+    canceled_key,
+    expired_key,
+    input_key,
+    is_job_id,
+    new_job_id,
+    progress_key,
+)
+from ctsr.settings import Settings
+
+from .errors import APIError, api_error_handler
+from .metrics import GatewayMetrics
+from .uploads import BodyTooLarge, check_image, limited_receive, parse_options
+
+FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields around the image
+
+UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "alpha": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},
+                        "format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "png"},
+                        "quality": {"type": "integer", "minimum": 1, "maximum": 100, "default": 90},
+                        "color_fix": {"type": "string", "enum": ["wavelet", "adain", "none"], "default": "wavelet"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def create_app(settings: Settings | None = None, redis: Redis | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if redis is None:
+        if not settings.redis_url:
+            raise RuntimeError("set CTSR_REDIS_URL (or use `ctsr serve` for the embedded stack)")
+        redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    queue = Queue(settings.queue, connection=redis)
+    store = open_blob_store(settings.blob_store, redis, settings.blob_dir)
+    metrics = GatewayMetrics(queue)
+    app = FastAPI(
+        title="CTSR super-resolution",
+        version="0.1.0",
+        description="Upload an image with `alpha` in [0, 1] (0 = realness, 1 = fidelity); poll the job; "
+        "download the ×4 result.",
+    )
+    app.add_exception_handler(APIError, api_error_handler)
+
+    @app.exception_handler(RedisError)
+    async def redis_down(_: Request, exc: RedisError) -> JSONResponse:
+        body = {"error": {"code": "unavailable", "message": "the job store is unreachable; retry shortly"}}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    def urls(job_id: str) -> dict[str, str]:
+        return {"job": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result", "cancel": f"/jobs/{job_id}"}
+
+    def fetch(job_id: str) -> Job:
+        if not is_job_id(job_id):
+            raise APIError(404, "unknown_job", "no such job (job ids are UUIDs)")
+        try:
+            return Job.fetch(job_id, connection=redis)
+        except NoSuchJobError:
+            raise APIError(404, "unknown_job", "no such job (or it has expired and been removed)") from None
+
+    def describe(job: Job) -> dict[str, Any]:
+        payload = JobPayload.from_dict(job.args[0])
+        status = job.get_status(refresh=False)
+        out: dict[str, Any] = {
+            "id": job.id,
+            "status": status.value if status else "unknown",
+            "alphas": payload.alphas,
+            "format": payload.format,
+            "input": {"width": payload.width, "height": payload.height},
+            "created_at": job.created_at.isoformat() if job.created_at else None,
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "ended_at": job.ended_at.isoformat() if job.ended_at else None,
+            "urls": urls(job.id),
+        }
+        if status == JobStatus.QUEUED:
+            if payload.deadline and time.time() > payload.deadline:
+                expire(job)
+                out["status"] = "expired"
+            else:
+                position = queue.get_job_position(job.id)
+                out["queue_position"] = position
+        elif status == JobStatus.STARTED:
+            progress = redis.get(progress_key(job.id))
+            out["progress"] = float(progress) if progress else 0.0
+        elif status == JobStatus.FINISHED:
+            result = job.return_value() or {}
+            out["output"] = {"width": result.get("width"), "height": result.get("height")}
+        elif status == JobStatus.FAILED:
+            reason = (job.latest_result().exc_string if job.latest_result() else "") or ""
+            last = reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
+            if "JobExpired" in last:
+                out["status"] = "expired"
+            out["error"] = {"message": last.split(": ", 1)[-1][:300]}
+        return out
+
+    def expire(job: Job) -> None:
+        with contextlib.suppress(InvalidJobOperation):
+            job.cancel()
+        store.delete(input_key(job.id))
+        redis.set(expired_key(job.id), "1", ex=settings.result_ttl_s)
+
+    def is_expired(job: Job) -> bool:
+        return bool(redis.exists(expired_key(job.id)))
+
+    @app.post("/upscale", status_code=202, openapi_extra=UPLOAD_SCHEMA, summary="Queue an image for ×4 upscaling")
+    async def upscale(request: Request) -> Response:
+        limit = settings.max_upload_bytes + FORM_SLACK
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            metrics.rejected.labels("upload_too_large").inc()
+            raise APIError(413, "upload_too_large", f"uploads are limited to {settings.max_upload_bytes} bytes")
+        try:
+            form = await Request(request.scope, limited_receive(request.receive, limit)).form(
+                max_files=1, max_fields=32, max_part_size=4096
+            )
+        except BodyTooLarge:
+            metrics.rejected.labels("upload_too_large").inc()
+            raise APIError(
+                413, "upload_too_large", f"uploads are limited to {settings.max_upload_bytes} bytes"
+            ) from None
+        except (MultiPartException, AssertionError, ValueError) as exc:
+            raise APIError(400, "malformed_form", f"expected multipart/form-data ({str(exc)[:80]})") from None
+        try:
+            return await _accept(request, form)
+        except APIError as exc:
+            metrics.rejected.labels(exc.code).inc()
+            raise
+        finally:
+            await form.close()
+
+    async def _accept(request: Request, form: Any) -> Response:
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "missing_image", "send the image as a file in the multipart field 'image'")
+        options = parse_options(form, settings)
+        data = await upload.read()
+        width, height = check_image(data, settings)
+        if queue.count >= settings.max_queue_depth:
+            raise APIError(429, "queue_full", "the queue is full; retry later", {"Retry-After": "10"})
+        job_id = new_job_id()
+        now = time.time()
+        payload = JobPayload(
+            job_id, options.alphas, options.format, options.quality, options.color_fix, width, height,
+            submitted_at=now, deadline=now + settings.max_queue_wait_s,
+        )  # fmt: skip
+        ttl = settings.result_ttl_s
+        store.put(input_key(job_id), data, ttl)
+        queue.enqueue(
+            JOB_FUNC,
+            payload.to_dict(),
+            job_id=job_id,
+            job_timeout=settings.job_timeout_s,
+            result_ttl=ttl,
+            failure_ttl=ttl,
+            retry=Retry(max=settings.job_retries) if settings.job_retries else None,
+            description=f"upscale {width}x{height} alphas={','.join(map(alpha_label, options.alphas))}",
+        )
+        metrics.submitted.inc()
+        body = {"id": job_id, "status": "queued", "urls": urls(job_id)}
+        wait = _prefer_wait(request.headers.get("prefer"))
+        if wait:
+            job = await _wait_for(job_id, min(wait, settings.max_wait_s))
+            if job is not None:
+                if len(options.alphas) == 1:
+                    return _result_response(job, None)
+                return JSONResponse(describe(job), status_code=200)
+        return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job_id}"})
+
+    async def _wait_for(job_id: str, seconds: float) -> Job | None:
+        deadline = time.monotonic() + seconds
+        delay = 0.01
+        while time.monotonic() < deadline:
+            job = Job.fetch(job_id, connection=redis)
+            if job.get_status(refresh=False) in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
+                return job if job.get_status(refresh=False) == JobStatus.FINISHED else None
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+        return None
+
+    def _result_response(job: Job, alpha: float | None) -> Response:
+        result = job.return_value() or {}
+        outputs: dict[str, str] = result.get("outputs", {})
+        label = alpha_label(alpha) if alpha is not None else next(iter(outputs), None)
+        if label not in outputs:
+            raise APIError(404, "unknown_alpha", f"this job has results for alpha {', '.join(outputs)}")
+        data = store.get(outputs[label])
+        if data is None:
+            raise APIError(410, "expired", "the result has expired")
+        return Response(data, media_type=result["content_type"], headers={"X-CTSR-Alpha": label})
+
+    @app.get("/jobs/{job_id}", summary="Job status")
+    def get_job(job_id: str) -> JSONResponse:
+        job = fetch(job_id)
+        body = describe(job)
+        if is_expired(job):
+            body["status"] = "expired"
+        return JSONResponse(body)
+
+    @app.get("/jobs/{job_id}/result", summary="The upscaled image (`alpha` picks a sweep member)")
+    def get_result(job_id: str, alpha: float | None = Query(None, ge=0, le=1)) -> Response:
+        job = fetch(job_id)
+        status = describe(job)["status"]
+        if status == "expired" or is_expired(job):
+            raise APIError(410, "expired", "the job expired before it ran")
+        if status != "finished":
+            raise APIError(409, "not_finished", f"the job is {status}")
+        return _result_response(job, alpha)
+
+    @app.delete("/jobs/{job_id}", summary="Cancel a job")
+    def cancel_job(job_id: str) -> JSONResponse:
+        job = fetch(job_id)
+        status = job.get_status(refresh=False)
+        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            job.cancel()
+            store.delete(input_key(job.id))
+            return JSONResponse({"id": job.id, "status": "canceled"})
+        if status == JobStatus.STARTED:
+            redis.set(canceled_key(job.id), "1", ex=settings.result_ttl_s)
+            return JSONResponse({"id": job.id, "status": "canceling"}, status_code=202)
+        if status == JobStatus.CANCELED:
+            return JSONResponse({"id": job.id, "status": "canceled"})
+        raise APIError(409, "already_finished", f"the job is already {status.value if status else 'gone'}")
+
+    @app.get("/livez", summary="The process is up")
+    def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Redis answers and a warmed-up worker heart-beats")
+    def readyz() -> JSONResponse:
+        try:
+            redis.ping()
+            workers = sum(1 for _ in redis.scan_iter(READY_PATTERN, count=100))
+        except RedisError:
+            return JSONResponse({"status": "unavailable", "redis": False}, status_code=503)
+        ready = workers > 0
+        return JSONResponse({"status": "ok" if ready else "no_workers", "redis": True, "workers": workers},
+                            status_code=200 if ready else 503)  # fmt: skip
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.settings, app.state.redis, app.state.queue = settings, redis, queue
+    return app
+
+
+def _prefer_wait(header: str | None) -> float:
+    """``Prefer: wait=N`` (RFC 7240) → N seconds, 0 when absent or malformed."""
+    for part in (header or "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip().lower() == "wait":
+            try:
+                return max(float(value), 0.0)
+            except ValueError:
+                return 0.0
+    return 0.0

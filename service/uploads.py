@@ -1,0 +1,118 @@
+"""Upload checks done at the edge, before anything is queued or stored.
+
+The body is counted while it streams in (an oversized upload is cut off, not read to the end);
+the image is identified from its header by Pillow with the decompression-bomb guard armed, so
+a 50 KB file claiming 100k×100k pixels never allocates anything.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ctsr.contract import COLOR_FIXES, OUTPUT_FORMATS
+from ctsr.settings import Settings
+
+from .errors import APIError
+
+#: Formats decoded by the worker; everything else is refused with 415.
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"}
+MIN_SIDE = 8
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def limited_receive(receive: Receive, limit: int) -> Receive:
+    """An ASGI ``receive`` that raises :class:`BodyTooLarge` once ``limit`` body bytes passed."""
+    seen = 0
+
+    async def wrapped() -> dict[str, Any]:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge
+        return message
+
+    return wrapped
+
+
+@dataclass
+class UpscaleOptions:
+    alphas: list[float]
+    format: str
+    quality: int
+    color_fix: str
+
+
+def parse_options(form: Any, settings: Settings) -> UpscaleOptions:
+    raw_alphas = form.getlist("alpha") or ["0.5"]
+    if len(raw_alphas) > settings.max_alphas:
+        raise APIError(422, "too_many_alphas", f"at most {settings.max_alphas} alpha values per request")
+    alphas: list[float] = []
+    for raw in raw_alphas:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise APIError(422, "invalid_alpha", f"alpha must be a number in [0, 1], got {str(raw)[:32]!r}") from None
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise APIError(422, "invalid_alpha", f"alpha must be in [0, 1], got {raw}")
+        if value in alphas:
+            raise APIError(422, "invalid_alpha", f"alpha {raw} is repeated")
+        alphas.append(value)
+    fmt = str(form.get("format") or "png").lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise APIError(422, "invalid_format", f"format must be one of {', '.join(OUTPUT_FORMATS)}")
+    try:
+        quality = int(form.get("quality") or 90)
+    except (TypeError, ValueError):
+        raise APIError(422, "invalid_quality", "quality must be an integer in [1, 100]") from None
+    if not 1 <= quality <= 100:
+        raise APIError(422, "invalid_quality", "quality must be an integer in [1, 100]")
+    color_fix = str(form.get("color_fix") or "wavelet")
+    if color_fix not in COLOR_FIXES:
+        raise APIError(422, "invalid_color_fix", f"color_fix must be one of {', '.join(COLOR_FIXES)}")
+    return UpscaleOptions(alphas, fmt, quality, color_fix)
+
+
+def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, or an :class:`APIError` saying what is wrong."""
+    if not data:
+        raise APIError(400, "empty_image", "the image field is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (width, height) = img.format, img.size
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                    width, height = height, width
+                if fmt in ("PNG", "GIF"):
+                    img.verify()  # checks chunk CRCs without decoding pixels
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise APIError(413, "image_too_large", "image declares more pixels than the decompression limit") from None
+    except UnidentifiedImageError:
+        raise APIError(415, "unsupported_image", "not an image in a supported format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise APIError(422, "corrupt_image", f"the image cannot be read ({str(exc)[:80]})") from None
+    if fmt not in ALLOWED_FORMATS:
+        raise APIError(415, "unsupported_image", f"{fmt} images are not accepted")
+    if width * height > settings.max_pixels or max(width, height) > settings.max_side:
+        raise APIError(
+            413,
+            "image_too_large",
+            f"{width}x{height} exceeds the limit ({settings.max_pixels} pixels, {settings.max_side} per side)",
+        )
+    if min(width, height) < MIN_SIDE:
+        raise APIError(422, "image_too_small", f"{width}x{height}: both sides must be at least {MIN_SIDE} pixels")
+    return width, height

@@ -1,0 +1,37 @@
+"""``ctsr worker``: one process, one device, the model loaded once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from prometheus_client import start_http_server
+from redis import Redis
+from rq import Queue
+
+from ctsr.blobs import open_blob_store
+from ctsr.settings import Settings
+
+from .engine import BatchEngine
+from .metrics import WorkerMetrics
+from .rq_worker import BatchWorker
+
+log = logging.getLogger("ctsr.worker")
+
+
+def run_worker(settings: Settings, burst: bool = False, name: str | None = None) -> int:
+    if not settings.redis_url:
+        raise SystemExit("ctsr worker: set CTSR_REDIS_URL (or use `ctsr serve` for the embedded stack)")
+    redis = Redis.from_url(settings.redis_url)
+    metrics = WorkerMetrics()
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
+    engine = BatchEngine(settings)  # before registering: a model that fails to load never takes jobs
+    queue = Queue(settings.queue, connection=redis)
+    store = open_blob_store(settings.blob_store, redis, settings.blob_dir)
+    worker = BatchWorker(queue, engine, store, settings, metrics, name=name or f"{socket.gethostname()}.{os.getpid()}")
+    if settings.warmup:
+        log.info("warm-up pass took %.2fs on %s", engine.warmup(), engine.device)
+    log.info("worker %s ready on %s, queue %s", worker.name, engine.device, settings.queue)
+    return worker.work_batches(burst=burst)

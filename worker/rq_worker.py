@@ -1,0 +1,217 @@
+"""An RQ worker that pulls several jobs at once and runs them as one batch.
+
+RQ dequeues one job per loop and (by default) forks per job, which cannot reuse a CUDA
+context. This worker keeps RQ's own bookkeeping — intermediate queue, started/finished/failed
+registries, executions, results, retries, heartbeats — by calling the same lifecycle methods
+RQ's SimpleWorker calls, only for a group of jobs around one batched model run:
+
+1. block for the first job (``dequeue_job_and_maintain_ttl``), then keep pulling without
+   blocking until the group has ``max_batch`` tiles or ``max_batch_wait_ms`` has passed;
+2. ``prepare_execution`` + ``prepare_job_execution`` for each (status *started*, heartbeats);
+3. run them together under the tightest job timeout (RQ's death penalty);
+4. ``_finalize_success`` / ``_finalize_failure`` for each (results, registries, retries).
+
+A worker killed mid-batch leaves its jobs in the started registry; their heartbeats expire
+after ``heartbeat_grace_s`` and RQ's registry maintenance (run by any other worker every
+``maintenance_interval_s``) re-enqueues them while they have retries left.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+from rq import Queue
+from rq.job import Job
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+from rq.worker import SimpleWorker, WorkerStatus
+
+from ctsr.blobs import BlobStore
+from ctsr.contract import JobCanceled, JobExpired, JobPayload, canceled_key, progress_key, ready_key
+from ctsr.settings import Settings
+from models.errors import CTSRError
+
+from .engine import BatchEngine
+from .metrics import WorkerMetrics
+from .process import process_jobs
+
+#: Failures that no retry can fix: bad input, expired, canceled.
+FINAL_ERRORS = (CTSRError, JobExpired, JobCanceled)
+
+
+class BatchWorker(SimpleWorker):
+    def __init__(
+        self,
+        queue: Queue,
+        engine: BatchEngine,
+        store: BlobStore,
+        settings: Settings,
+        metrics: WorkerMetrics | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("maintenance_interval", settings.maintenance_interval_s)
+        kwargs.setdefault("job_monitoring_interval", min(30, settings.heartbeat_grace_s))
+        super().__init__([queue], connection=queue.connection, **kwargs)
+        self.engine, self.store, self.settings = engine, store, settings
+        self.metrics = metrics or WorkerMetrics()
+        self.ready = False
+
+    # -- heartbeats and readiness ------------------------------------------------------------
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """RQ adds a fixed 60 s; ours is ``heartbeat_grace_s`` so abandoned jobs return sooner."""
+        interval = self.job_monitoring_interval
+        if job.timeout and job.timeout > 0:
+            interval = min(interval, max(job.timeout - working_time, 0))
+        return int(interval) + self.settings.heartbeat_grace_s
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)
+        if self.ready:
+            (pipeline or self.connection).set(ready_key(self.name), "1", ex=self.worker_ttl + 60)
+
+    def mark_ready(self) -> None:
+        self.ready = True
+        self.metrics.model_ready.set(1)
+        self.heartbeat()
+
+    def teardown(self) -> None:
+        self.connection.delete(ready_key(self.name))
+        self.metrics.model_ready.set(0)
+        super().teardown()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def work_batches(self, burst: bool = False, max_batches: int | None = None) -> int:
+        """Run until stopped (SIGTERM/SIGINT finish the batch in hand first). Returns jobs done."""
+        self.bootstrap()
+        self._install_signal_handlers()
+        self.mark_ready()  # the caller has loaded (and warmed) the model by now
+        done = batches = 0
+        try:
+            while not self._stop_requested:
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                pulled = self.pull(burst)
+                if not pulled:
+                    if burst:
+                        break
+                    continue
+                done += self.execute_batch(pulled)
+                batches += 1
+                self.heartbeat()
+                if max_batches is not None and batches >= max_batches:
+                    break
+        except Exception as exc:  # StopRequested while idle, or a Redis outage
+            if type(exc).__name__ != "StopRequested":
+                self.log.exception("worker %s: stopping after an unexpected error", self.name)
+        finally:
+            self.teardown()
+        return done
+
+    def pull(self, burst: bool = False) -> list[tuple[Job, Queue]]:
+        first = self.dequeue_job_and_maintain_ttl(None if burst else self.dequeue_timeout)
+        if first is None:
+            return []
+        pulled = [first]
+        tiles = self._tiles(first[0])
+        deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
+        while len(pulled) < self.settings.max_jobs_per_pull and tiles < self.settings.max_batch:
+            more = self.queue_class.dequeue_any(
+                self.queues, None, connection=self.connection, job_class=self.job_class, serializer=self.serializer
+            )
+            if more is not None:
+                pulled.append(more)
+                tiles += self._tiles(more[0])
+            elif time.monotonic() >= deadline:
+                break
+            else:
+                time.sleep(0.002)
+        return pulled
+
+    def _tiles(self, job: Job) -> int:
+        payload = job.args[0]
+        return self.engine.tiles_for(payload.get("width") or 1, payload.get("height") or 1)
+
+    def execute_batch(self, pulled: list[tuple[Job, Queue]]) -> int:
+        running = []
+        for job, queue in pulled:
+            execution = self.prepare_execution(job)
+            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+            job.started_at = now()
+            payload = JobPayload.from_dict(job.args[0])
+            self.metrics.queue_wait_seconds.observe(max(time.time() - payload.submitted_at, 0))
+            if payload.deadline and time.time() > payload.deadline:
+                waited = time.time() - payload.submitted_at
+                self._fail(job, queue, execution, JobExpired(f"waited {waited:.0f}s in the queue"))
+                continue
+            running.append((job, queue, execution, payload))
+        if not running:
+            self.set_state(WorkerStatus.IDLE)
+            return len(pulled)
+
+        self.metrics.batch_jobs.observe(len(running))
+        total = sum(self.engine.tiles_for(p.width, p.height) for *_, p in running)
+        done_tiles = 0
+
+        def on_batch(tiles: int) -> None:
+            nonlocal done_tiles
+            done_tiles += tiles
+            self.metrics.batch_tiles.observe(tiles)
+            self.metrics.tiles.inc(tiles)
+            with self.connection.pipeline() as pipe:
+                for job, *_ in running:
+                    pipe.set(progress_key(job.id), f"{min(done_tiles / total, 1):.3f}", ex=self.settings.result_ttl_s)
+                pipe.execute()
+            for job, _, execution, _ in running:
+                self.maintain_heartbeats(job, execution)
+
+        timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job, *_ in running)
+        oom_before = self.engine.runner.oom_retries
+        start = time.perf_counter()
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=running[0][0].id):
+                outcomes = process_jobs(
+                    self.engine, self.store, [j.args[0] for j, *_ in running], self.settings.result_ttl_s, on_batch
+                )
+        except Exception as exc:  # timeout, or a failure of the batch as a whole
+            self.log.exception("worker %s: batch of %d job(s) failed", self.name, len(running))
+            outcomes = [exc] * len(running)
+        self.metrics.inference_seconds.observe(time.perf_counter() - start)
+        self.metrics.oom_retries.inc(self.engine.runner.oom_retries - oom_before)
+        if self.engine.device.type == "cuda":
+            self.metrics.device_memory.set(torch.cuda.memory_allocated(self.engine.device))
+
+        for (job, queue, execution, _), outcome in zip(running, outcomes, strict=True):
+            if self.connection.exists(canceled_key(job.id)):
+                self._cancel(job, execution, outcome)
+            elif isinstance(outcome, BaseException):
+                self._fail(job, queue, execution, outcome)
+            else:
+                self._finalize_success(job, queue, execution, outcome)
+                self.metrics.jobs.labels("finished").inc()
+        self.set_state(WorkerStatus.IDLE)
+        return len(pulled)
+
+    def _fail(self, job: Job, queue: Queue, execution: Any, exc: BaseException) -> None:
+        if isinstance(exc, FINAL_ERRORS):
+            job.retries_left = 0
+        self.metrics.jobs.labels("expired" if isinstance(exc, JobExpired) else "failed").inc()
+        self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
+
+    def _cancel(self, job: Job, execution: Any, outcome: Any) -> None:
+        """Canceled while running: drop its outputs and record it as canceled, not finished."""
+        if isinstance(outcome, dict):
+            self.store.delete(*outcome["outputs"].values())
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
+        job.cancel()
+        self.metrics.jobs.labels("canceled").inc()
+
+
+def log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
