@@ -48,6 +48,11 @@ def canceled_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:canceled:{job_id}"
 
 
+def done_key(job_id: str) -> str:
+    """A list the worker pushes to when a job ends, so ``Prefer: wait`` needs no polling."""
+    return f"{KEY_PREFIX}:done:{job_id}"
+
+
 def expired_key(job_id: str) -> str:
     """Marks a job that outlived its queue deadline (it is canceled in RQ, "expired" to clients)."""
     return f"{KEY_PREFIX}:expired:{job_id}"

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(256, ge=1)  # admission control: 429 beyond this
     max_queue_wait_s: int = Field(300, ge=1)  # a job not started by then becomes "expired"
     max_wait_s: int = Field(60, ge=0)  # cap on `Prefer: wait=N`
+    max_waiters: int = Field(64, ge=1)  # requests blocked in `Prefer: wait` at once
     job_timeout_s: int = Field(600, ge=10)
     job_retries: int = Field(2, ge=0)  # retries after a worker dies mid-batch
 

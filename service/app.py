@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
@@ -25,6 +26,7 @@ from ctsr.contract import (
     JobPayload,
     alpha_label,
     canceled_key,
+    done_key,
     expired_key,
     input_key,
     is_job_id,
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     queue = Queue(settings.queue, connection=redis)
     store = open_blob_store(settings.blob_store, redis, settings.blob_dir)
     metrics = GatewayMetrics(queue)
+    # `Prefer: wait` requests block in BLPOP; the default executor (cores + 4 threads) is too small
+    waiters = ThreadPoolExecutor(max_workers=settings.max_waiters, thread_name_prefix="ctsr-wait")
     app = FastAPI(
         title="CTSR super-resolution",
         version="0.1.0",
@@ -213,15 +217,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job_id}"})
 
     async def _wait_for(job_id: str, seconds: float) -> Job | None:
+        """Block (in a thread, on BLPOP) until the worker announces the job's end, or time out."""
         deadline = time.monotonic() + seconds
-        delay = 0.01
-        while time.monotonic() < deadline:
-            job = Job.fetch(job_id, connection=redis)
-            if job.get_status(refresh=False) in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
-                return job if job.get_status(refresh=False) == JobStatus.FINISHED else None
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
-        return None
+        while (left := deadline - time.monotonic()) > 0:
+            # short BLPOP rounds: the client's socket timeout must not fire while Redis blocks
+            timeout = min(max(left, 0.01), 3)
+            if await asyncio.get_running_loop().run_in_executor(waiters, redis.blpop, [done_key(job_id)], timeout):
+                break
+        job = Job.fetch(job_id, connection=redis)
+        return job if job.get_status(refresh=False) == JobStatus.FINISHED else None
 
     def _result_response(job: Job, alpha: float | None) -> Response:
         result = job.return_value() or {}

@@ -30,7 +30,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from ctsr.blobs import BlobStore
-from ctsr.contract import JobCanceled, JobExpired, JobPayload, canceled_key, progress_key, ready_key
+from ctsr.contract import JobCanceled, JobExpired, JobPayload, canceled_key, done_key, progress_key, ready_key
 from ctsr.settings import Settings
 from models.errors import CTSRError
 
@@ -191,6 +191,7 @@ class BatchWorker(SimpleWorker):
             else:
                 self._finalize_success(job, queue, execution, outcome)
                 self.metrics.jobs.labels("finished").inc()
+                self._announce(job)
         self.set_state(WorkerStatus.IDLE)
         return len(pulled)
 
@@ -199,6 +200,14 @@ class BatchWorker(SimpleWorker):
             job.retries_left = 0
         self.metrics.jobs.labels("expired" if isinstance(exc, JobExpired) else "failed").inc()
         self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
+        self._announce(job)
+
+    def _announce(self, job: Job) -> None:
+        """Wake gateways waiting on this job (``Prefer: wait``)."""
+        with self.connection.pipeline() as pipe:
+            pipe.rpush(done_key(job.id), job.get_status(refresh=False) or "")
+            pipe.expire(done_key(job.id), 120)
+            pipe.execute()
 
     def _cancel(self, job: Job, execution: Any, outcome: Any) -> None:
         """Canceled while running: drop its outputs and record it as canceled, not finished."""
@@ -209,6 +218,7 @@ class BatchWorker(SimpleWorker):
             pipe.execute()
         job.cancel()
         self.metrics.jobs.labels("canceled").inc()
+        self._announce(job)
 
 
 def log_to_stderr() -> None:

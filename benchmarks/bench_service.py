@@ -1,0 +1,225 @@
+"""Load test of the whole service against the bare model, on one machine, in one run.
+
+Starts ``ctsr serve`` (embedded Redis, one worker, the gateway) with a ``compact`` checkpoint,
+drives it with asyncio httpx clients at several concurrency levels (each client: POST /upscale
+with ``Prefer: wait`` → the 4× PNG), and reports throughput, p50/p99 latency and the worker's
+mean batch, beside the bare model's images/s at that batch size measured in this process. A
+second phase measures how many uploads/s the gateway alone accepts (no worker, jobs queued).
+
+    python benchmarks/bench_service.py --json benchmarks/results/service_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+
+from ctsr.serving import wait_ready
+from models import build_student, save_student
+from models.pipeline import TileRunner
+from models.presets import load_preset
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(side: int, seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    array = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def scrape(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def drive(url: str, clients: int, seconds: float, body: bytes, wait: bool) -> tuple[list[float], int, float]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    stop = time.perf_counter() + seconds
+    headers = {"Prefer": "wait=120"} if wait else {}
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            r = await http.post("/upscale", files={"image": ("x.png", body, "image/png")}, headers=headers)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code in (200, 202):
+                latencies.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=clients)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    bad = sum(n for code, n in statuses.items() if code not in (200, 202))
+    return latencies, bad, elapsed
+
+
+def bare_rate(student_dir: Path, batch: int, side: int, seconds: float = 3.0) -> float:
+    from models import load_student
+
+    runner = TileRunner(load_student(student_dir), "cpu")
+    lr = torch.rand(batch, 3, side, side)
+    alpha = torch.full((batch,), 0.5)
+    s = runner.student
+    with torch.inference_mode():
+        s.decode(s.mix(s.encode(lr), s.velocity(s.encode(lr)), alpha))
+        times, start = [], time.perf_counter()
+        while time.perf_counter() - start < seconds or len(times) < 3:
+            t0 = time.perf_counter()
+            z0 = s.encode(lr)
+            s.decode(s.mix(z0, s.velocity(z0), alpha))
+            times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def start(args: argparse.Namespace, model: Path, workers: bool, port: int, metrics_port: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "CTSR_MODEL": str(model),
+        "CTSR_TILE": str(args.side),
+        "CTSR_MAX_BATCH": str(args.max_batch),
+        "CTSR_MAX_BATCH_WAIT_MS": str(args.batch_wait_ms),
+        "CTSR_WORKER_METRICS_PORT": str(metrics_port),
+        "CTSR_MAX_QUEUE_DEPTH": "1000000",
+    }
+    env.pop("CTSR_REDIS_URL", None)
+    cmd = [sys.executable, "-m", "ctsr.cli", "serve", "--port", str(port)]
+    if not workers:
+        cmd = [sys.executable, "-c", GATEWAY_ONLY, str(port)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+# The gateway alone on an embedded Redis (readiness needs no worker for this phase).
+GATEWAY_ONLY = """
+import sys, tempfile, pathlib, uvicorn
+from ctsr.serving import start_embedded_redis
+from ctsr.settings import Settings
+from service.app import create_app
+tmp = tempfile.mkdtemp()
+redis = start_embedded_redis(pathlib.Path(tmp))
+settings = Settings(redis_url=f"unix://{redis.socket_file}")
+uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--seconds", type=float, default=20.0, help="per concurrency level")
+    p.add_argument("--side", type=int, default=128, help="LR side (output is 4x)")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--batch-wait-ms", type=int, default=20)
+    p.add_argument("--preset", default="compact-x4")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="ctsr-bench-"))
+    torch.manual_seed(0)
+    model = save_student(build_student(load_preset(args.preset)), tmp / "model")
+    body = png(args.side, 0)
+    rows = []
+
+    port, metrics_port = free_port(), free_port()
+    server = start(args, model, True, port, metrics_port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_ready(url, 180):
+            raise SystemExit(f"ctsr serve did not become ready: {server.stderr.read() if server.stderr else ''}")
+        asyncio.run(drive(url, 1, 3, body, wait=True))  # warm the path
+        for clients in args.clients:
+            tiles0 = scrape(metrics_port, "ctsr_worker_batch_tiles_sum")
+            passes0 = scrape(metrics_port, "ctsr_worker_batch_tiles_count")
+            latencies, bad, elapsed = asyncio.run(drive(url, clients, args.seconds, body, wait=True))
+            tiles = scrape(metrics_port, "ctsr_worker_batch_tiles_sum") - tiles0
+            passes = scrape(metrics_port, "ctsr_worker_batch_tiles_count") - passes0
+            q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
+            rows.append({
+                "clients": clients,
+                "requests": len(latencies),
+                "errors": bad,
+                "img_s": round(len(latencies) / elapsed, 3),
+                "p50_s": round(statistics.median(latencies), 4),
+                "p99_s": round(q[98], 4),
+                "mean_batch_tiles": round(tiles / passes, 2) if passes else 0.0,
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+    finally:
+        stop(server)
+
+    for row in rows:  # the bare model at the batch the worker actually formed, after the server is gone
+        batch = max(1, round(row["mean_batch_tiles"]))
+        row["bare_img_s_at_batch"] = round(bare_rate(model, batch, args.side), 3)
+        row["service_over_bare"] = round(row["img_s"] / row["bare_img_s_at_batch"], 3)
+        row["overhead_p50_s"] = (
+            round(row["p50_s"] - 1 / bare_rate(model, 1, args.side), 4) if row["clients"] == 1 else None
+        )
+
+    port = free_port()
+    gateway = start(args, model, False, port, 0)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        small = png(64, 1)
+        latencies, bad, elapsed = asyncio.run(drive(f"http://127.0.0.1:{port}", 16, 10, small, wait=False))
+        accept = {
+            "clients": 16,
+            "uploads": len(latencies),
+            "errors": bad,
+            "uploads_s": round(len(latencies) / elapsed, 1),
+            "p50_s": round(statistics.median(latencies), 4),
+        }
+        print("gateway accept:", accept, flush=True)
+    finally:
+        stop(gateway)
+
+    print(f"\n{'clients':>7} {'img/s':>8} {'bare img/s':>10} {'ratio':>6} {'p50 s':>7} {'p99 s':>7} {'batch':>6}")
+    for r in rows:
+        print(f"{r['clients']:>7} {r['img_s']:>8.2f} {r['bare_img_s_at_batch']:>10.2f} {r['service_over_bare']:>6.1%} "
+              f"{r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['mean_batch_tiles']:>6.2f}")  # fmt: skip
+    if args.json:
+        result = {"preset": args.preset, "lr_side": args.side, "max_batch": args.max_batch, "torch": torch.__version__,
+                  "cpu_threads": torch.get_num_threads(), "rows": rows, "gateway_accept": accept}  # fmt: skip
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
