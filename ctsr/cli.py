@@ -45,8 +45,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.color import COLOR_FIXES
-    from models.pipeline import DEFAULT_OVERLAP, DEFAULT_TILE
+    from models.defaults import COLOR_FIXES, DEFAULT_OVERLAP, DEFAULT_TILE
 
     parser = argparse.ArgumentParser(prog="ctsr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -160,9 +159,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models import load_student
+    from models.defaults import DEFAULT_ALPHA
     from models.errors import ConfigError
     from models.imaging import list_images, load_image, probe_image
-    from models.pipeline import DEFAULT_ALPHA, TileRunner, UpscaleJob, Upscaler, finish_images
+    from models.pipeline import TileRunner, UpscaleJob, Upscaler, finish_images
     from models.presets import default_model
     from models.tiling import TileGrid
 

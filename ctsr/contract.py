@@ -16,7 +16,6 @@ from typing import Any, Literal
 JOB_FUNC = "worker.tasks.upscale"
 KEY_PREFIX = "ctsr"
 OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-COLOR_FIXES = ("wavelet", "adain", "none")
 
 PublicStatus = Literal["queued", "started", "finished", "failed", "canceled", "expired"]
 

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .defaults import COLOR_FIXES
 from .errors import ConfigError
 
-COLOR_FIXES = ("wavelet", "adain", "none")
 WAVELET_LEVELS = 5
 #: HR pixels of context the wavelet fix reads on each side (sum of the blur dilations).
 WAVELET_RADIUS = sum(2**i for i in range(WAVELET_LEVELS))

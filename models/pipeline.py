@@ -19,15 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .color import apply_color_fix, check_color_fix
+from .defaults import DEFAULT_ALPHA, DEFAULT_OVERLAP, DEFAULT_TILE
 from .device import is_out_of_memory, resolve_device, resolve_dtype
 from .errors import ConfigError, CTSRError
 from .imaging import LoadedImage, to_pil, upscale_alpha
 from .student import CTSRStudent
 from .tiling import TileGrid
-
-DEFAULT_TILE = 192
-DEFAULT_OVERLAP = 32
-DEFAULT_ALPHA = 0.5
 
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:

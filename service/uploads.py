@@ -16,8 +16,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ctsr.contract import COLOR_FIXES, OUTPUT_FORMATS
+from ctsr.contract import OUTPUT_FORMATS
 from ctsr.settings import Settings
+from models.defaults import COLOR_FIXES
 
 from .errors import APIError
 

@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+#
+# CTSR GPU worker: keeps the model in CUDA memory and batches jobs from the Redis queue.
+# The base image brings Python, CUDA, cuDNN and a CUDA build of torch; installing the `worker`
+# extra keeps that torch (a constraint below makes pip fail rather than swap it for another).
+#
+# Build from the repository root (docker-compose.yml does this):
+#   docker build -f docker/worker.Dockerfile -t ctsr-worker:local .
+# Run on one GPU:
+#   docker run --gpus '"device=0"' -v ctsr_models:/models:ro -e CTSR_REDIS_URL=redis://HOST:6379/0 ctsr-worker:local
+FROM pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
+
+LABEL org.opencontainers.image.title="ctsr-worker" \
+      org.opencontainers.image.description="CTSR super-resolution GPU worker (torch + RQ)"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CTSR_MODEL=/models/ctsr \
+    CTSR_WORKER_METRICS_PORT=9100
+
+# A fixed numeric uid. /models belongs to it, so an empty named volume mounted there starts out
+# writable by the worker user (handy for `ctsr model init /models/ctsr`); compose mounts it read-only.
+RUN useradd --no-log-init --create-home --uid 10001 --user-group ctsr \
+    && install -d -o 10001 -g 10001 /models
+
+WORKDIR /src
+COPY . .
+# `./[worker]` is pip's `.[worker]`: this project with its `worker` extra. The constraint pins torch
+# to the build already in the image, so a requirement it cannot meet fails the build instead of
+# silently downloading a second multi-GB torch.
+RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > /tmp/torch.txt \
+    && pip install --no-cache-dir --constraint /tmp/torch.txt './[worker]' \
+    && rm /tmp/torch.txt
+
+WORKDIR /home/ctsr
+USER 10001:10001
+
+# Prometheus metrics (CTSR_WORKER_METRICS_PORT).
+EXPOSE 9100
+
+# On SIGTERM the worker finishes the batch in hand, then exits: give it time (compose: stop_grace_period).
+STOPSIGNAL SIGTERM
+
+# Loading and warming the model can take minutes, hence the long start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('CTSR_WORKER_METRICS_PORT', '9100'), timeout=4)"]
+
+CMD ["ctsr", "worker"]
