@@ -101,7 +101,6 @@ class JobResult:
     content_type: str
     width: int
     height: int
-    batch_tiles: int = 0  # tiles in the forward passes that served this job (observability)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

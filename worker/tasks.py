@@ -1,8 +1,9 @@
 """The RQ job function named in :data:`ctsr.contract.JOB_FUNC`.
 
 ``ctsr worker`` never calls it: it pulls jobs in groups and batches them. It is here so that a
-job stays a normal RQ job (visible in ``rq info`` / rq-dashboard, runnable by a plain
-``rq worker`` in a pinch, one job at a time with a model cached per process).
+job stays a normal RQ job (visible in ``rq info`` / rq-dashboard, and runnable by a plain
+``rq worker --worker-class rq.worker.SimpleWorker`` in a pinch: one job at a time, with the
+model cached per process).
 """
 
 from __future__ import annotations
@@ -13,15 +14,21 @@ _engine = None
 
 
 def upscale(payload: dict[str, Any]) -> dict[str, Any]:
+    from rq import get_current_job
+
+    from ctsr.blobs import open_blob_store
     from ctsr.settings import Settings
 
     from .engine import BatchEngine
     from .process import process_jobs
 
     global _engine
+    settings = Settings()
     if _engine is None:
-        _engine = BatchEngine(Settings())
-    (outcome,) = process_jobs(_engine, [payload])
+        _engine = BatchEngine(settings)
+    redis = get_current_job().connection
+    store = open_blob_store(settings.blob_store, redis, settings.blob_dir)
+    (outcome,) = process_jobs(_engine, store, [payload], settings.result_ttl_s)
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
