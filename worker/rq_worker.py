@@ -114,6 +114,7 @@ class BatchWorker(SimpleWorker):
         first = self.dequeue_job_and_maintain_ttl(None if burst else self.dequeue_timeout)
         if first is None:
             return []
+        self.set_state(WorkerStatus.BUSY)  # from here SIGTERM only asks to stop after this batch
         pulled = [first]
         tiles = self._tiles(first[0])
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
