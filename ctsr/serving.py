@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,13 @@ def serve(settings: Settings, host: str, port: int) -> int:
             server.should_exit = True
 
     threading.Thread(target=watch_worker, daemon=True).start()
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # uvicorn handles SIGTERM like Ctrl-C, then re-raises it once it has stopped: with this
+    # handler that ends in the `finally` below instead of killing us before the clean-up.
+    signal.signal(signal.SIGTERM, terminate)
     log.info("gateway on http://%s:%d (docs at /docs); Ctrl-C stops everything", host, port)
     try:
         server.run()
@@ -91,7 +99,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
         if embedded is not None:
+            redis_dir = embedded.redis_dir
             embedded.shutdown()
+            shutil.rmtree(redis_dir, ignore_errors=True)
         tmp.cleanup()
     return 0 if worker.returncode in (0, -signal.SIGTERM) else 1
 

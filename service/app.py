@@ -37,7 +37,7 @@ from ctsr.settings import Settings
 
 from .errors import APIError, api_error_handler
 from .metrics import GatewayMetrics
-from .uploads import BodyTooLarge, check_image, limited_receive, parse_options
+from .uploads import BodyTooLarge, check_image, limited_receive, parse_alpha, parse_options
 
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields around the image
 
@@ -169,6 +169,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
                 413, "upload_too_large", f"uploads are limited to {settings.max_upload_bytes} bytes"
             ) from None
         except (MultiPartException, AssertionError, ValueError) as exc:
+            metrics.rejected.labels("malformed_form").inc()
             raise APIError(400, "malformed_form", f"expected multipart/form-data ({str(exc)[:80]})") from None
         try:
             return await _accept(request, form)
@@ -210,14 +211,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         wait = _prefer_wait(request.headers.get("prefer"))
         if wait:
             job = await _wait_for(job_id, min(wait, settings.max_wait_s))
-            if job is not None:
-                if len(options.alphas) == 1:
+            if job is not None:  # ended in time: the image when there is exactly one, else the job
+                if len(options.alphas) == 1 and job.get_status(refresh=False) == JobStatus.FINISHED:
                     return _result_response(job, None)
                 return JSONResponse(describe(job), status_code=200)
         return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job_id}"})
 
     async def _wait_for(job_id: str, seconds: float) -> Job | None:
-        """Block (in a thread, on BLPOP) until the worker announces the job's end, or time out."""
+        """Block (in a thread, on BLPOP) until the worker announces the job's end; the job if it
+        ended (finished, failed or canceled) in time, else None."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             # short BLPOP rounds: the client's socket timeout must not fire while Redis blocks
@@ -225,7 +227,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             if await asyncio.get_running_loop().run_in_executor(waiters, redis.blpop, [done_key(job_id)], timeout):
                 break
         job = Job.fetch(job_id, connection=redis)
-        return job if job.get_status(refresh=False) == JobStatus.FINISHED else None
+        ended = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED)
+        return job if job.get_status(refresh=False) in ended else None
 
     def _result_response(job: Job, alpha: float | None) -> Response:
         result = job.return_value() or {}
@@ -247,14 +250,14 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return JSONResponse(body)
 
     @app.get("/jobs/{job_id}/result", summary="The upscaled image (`alpha` picks a sweep member)")
-    def get_result(job_id: str, alpha: float | None = Query(None, ge=0, le=1)) -> Response:
+    def get_result(job_id: str, alpha: str | None = Query(None, description="a sweep member, in [0, 1]")) -> Response:
         job = fetch(job_id)
         status = describe(job)["status"]
         if status == "expired" or is_expired(job):
             raise APIError(410, "expired", "the job expired before it ran")
         if status != "finished":
             raise APIError(409, "not_finished", f"the job is {status}")
-        return _result_response(job, alpha)
+        return _result_response(job, None if alpha is None else parse_alpha(alpha))
 
     @app.delete("/jobs/{job_id}", summary="Cancel a job")
     def cancel_job(job_id: str) -> JSONResponse:

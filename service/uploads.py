@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ctsr.contract import OUTPUT_FORMATS
+from ctsr.contract import OUTPUT_FORMATS, alpha_label
 from ctsr.settings import Settings
 from models.defaults import COLOR_FIXES
 
@@ -57,20 +57,25 @@ class UpscaleOptions:
     color_fix: str
 
 
+def parse_alpha(raw: Any) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise APIError(422, "invalid_alpha", f"alpha must be a number in [0, 1], got {str(raw)[:32]!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise APIError(422, "invalid_alpha", f"alpha must be in [0, 1], got {str(raw)[:32]}")
+    return value
+
+
 def parse_options(form: Any, settings: Settings) -> UpscaleOptions:
     raw_alphas = form.getlist("alpha") or ["0.5"]
     if len(raw_alphas) > settings.max_alphas:
         raise APIError(422, "too_many_alphas", f"at most {settings.max_alphas} alpha values per request")
     alphas: list[float] = []
     for raw in raw_alphas:
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise APIError(422, "invalid_alpha", f"alpha must be a number in [0, 1], got {str(raw)[:32]!r}") from None
-        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise APIError(422, "invalid_alpha", f"alpha must be in [0, 1], got {raw}")
-        if value in alphas:
-            raise APIError(422, "invalid_alpha", f"alpha {raw} is repeated")
+        value = parse_alpha(raw)
+        if alpha_label(value) in {alpha_label(a) for a in alphas}:
+            raise APIError(422, "invalid_alpha", f"alpha {raw} repeats another once rounded to 3 decimals")
         alphas.append(value)
     fmt = str(form.get("format") or "png").lower()
     if fmt not in OUTPUT_FORMATS:
@@ -88,18 +93,21 @@ def parse_options(form: Any, settings: Settings) -> UpscaleOptions:
 
 
 def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, or an :class:`APIError` saying what is wrong."""
+    """(width, height) (after EXIF orientation, except for PNG whose EXIF would need a full
+    decode), or an :class:`APIError` saying what is wrong."""
     if not data:
         raise APIError(400, "empty_image", "the image field is empty")
+    if len(data) > settings.max_upload_bytes:
+        raise APIError(413, "upload_too_large", f"images are limited to {settings.max_upload_bytes} bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt, (width, height) = img.format, img.size
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                    width, height = height, width
                 if fmt in ("PNG", "GIF"):
-                    img.verify()  # checks chunk CRCs without decoding pixels
+                    img.verify()  # chunk CRCs, without decoding pixels (must come right after open)
+                elif img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # JPEG/TIFF/WebP: header only
+                    width, height = height, width
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise APIError(413, "image_too_large", "image declares more pixels than the decompression limit") from None
     except UnidentifiedImageError:

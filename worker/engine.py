@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ctsr.contract import JobPayload, alpha_label
 from ctsr.settings import Settings
@@ -65,6 +67,8 @@ class BatchEngine:
         pils = finish_images(image, sr)
         for alpha, pil in zip(payload.alphas, pils, strict=True):
             buf = io.BytesIO()
+            if pil.mode == "I;16" and payload.format != "png":  # 8-bit formats: scale, don't clip
+                pil = Image.fromarray((np.asarray(pil, dtype=np.uint16) // 257).astype(np.uint8), "L")
             if payload.format == "jpeg":
                 pil = pil.convert("RGB")  # JPEG has no alpha channel and no 16-bit mode
                 pil.save(buf, "JPEG", quality=payload.quality)

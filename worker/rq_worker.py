@@ -30,7 +30,16 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from ctsr.blobs import BlobStore
-from ctsr.contract import JobCanceled, JobExpired, JobPayload, canceled_key, done_key, progress_key, ready_key
+from ctsr.contract import (
+    JobCanceled,
+    JobExpired,
+    JobPayload,
+    canceled_key,
+    done_key,
+    input_key,
+    progress_key,
+    ready_key,
+)
 from ctsr.settings import Settings
 from models.errors import CTSRError
 
@@ -69,8 +78,9 @@ class BatchWorker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)
-        if self.ready:
-            (pipeline or self.connection).set(ready_key(self.name), "1", ex=self.worker_ttl + 60)
+        if self.ready:  # lapses soon after the heartbeats stop, so /readyz forgets a dead worker
+            ttl = self.settings.maintenance_interval_s + self.settings.heartbeat_grace_s
+            (pipeline or self.connection).set(ready_key(self.name), "1", ex=ttl)
 
     def mark_ready(self) -> None:
         self.ready = True
@@ -111,7 +121,9 @@ class BatchWorker(SimpleWorker):
         return done
 
     def pull(self, burst: bool = False) -> list[tuple[Job, Queue]]:
-        first = self.dequeue_job_and_maintain_ttl(None if burst else self.dequeue_timeout)
+        # short blocking rounds: an idle worker must still run maintenance (abandoned-job recovery)
+        timeout = min(self.dequeue_timeout, self.settings.maintenance_interval_s)
+        first = self.dequeue_job_and_maintain_ttl(None if burst else timeout)
         if first is None:
             return []
         self.set_state(WorkerStatus.BUSY)  # from here SIGTERM only asks to stop after this batch
@@ -199,6 +211,7 @@ class BatchWorker(SimpleWorker):
     def _fail(self, job: Job, queue: Queue, execution: Any, exc: BaseException) -> None:
         if isinstance(exc, FINAL_ERRORS):
             job.retries_left = 0
+            self.store.delete(input_key(job.id))  # nothing will read it again
         self.metrics.jobs.labels("expired" if isinstance(exc, JobExpired) else "failed").inc()
         self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
         self._announce(job)

