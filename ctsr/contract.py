@@ -7,6 +7,7 @@ no web framework.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -104,6 +105,16 @@ class JobResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def cancel_job(job: Any, ttl_s: int) -> None:
+    """Cancel an RQ job and give its record the same TTL as results: RQ keeps canceled jobs
+    forever otherwise, and nothing here may outlive its TTL."""
+    from rq.exceptions import InvalidJobOperation
+
+    with contextlib.suppress(InvalidJobOperation):  # already canceled
+        job.cancel()
+    job.connection.expire(job.key, ttl_s)
 
 
 class JobExpired(Exception):

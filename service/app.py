@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from starlette.formparsers import MultiPartException
 
@@ -25,6 +24,7 @@ from ctsr.contract import (
     READY_PATTERN,
     JobPayload,
     alpha_label,
+    cancel_job,
     canceled_key,
     done_key,
     expired_key,
@@ -144,8 +144,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return out
 
     def expire(job: Job) -> None:
-        with contextlib.suppress(InvalidJobOperation):
-            job.cancel()
+        cancel_job(job, settings.result_ttl_s)
         store.delete(input_key(job.id))
         redis.set(expired_key(job.id), "1", ex=settings.result_ttl_s)
 
@@ -260,11 +259,11 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return _result_response(job, None if alpha is None else parse_alpha(alpha))
 
     @app.delete("/jobs/{job_id}", summary="Cancel a job")
-    def cancel_job(job_id: str) -> JSONResponse:
+    def delete_job(job_id: str) -> JSONResponse:
         job = fetch(job_id)
         status = job.get_status(refresh=False)
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
-            job.cancel()
+            cancel_job(job, settings.result_ttl_s)
             store.delete(input_key(job.id))
             return JSONResponse({"id": job.id, "status": "canceled"})
         if status == JobStatus.STARTED:

@@ -823,3 +823,10 @@ def test_gateway_imports_no_torch() -> None:
     assert out["readyz"] == [503, {"status": "unavailable", "redis": False}]
     assert out["upload"][0] == 503
     assert out["upload"][1]["error"]["code"] == "unavailable"
+
+
+def test_canceled_job_records_expire(stack: Stack) -> None:
+    """RQ keeps a canceled job's record forever; ours gets the result TTL like everything else."""
+    job_id = stack.accepted(VALID)
+    assert stack.client.delete(f"/jobs/{job_id}").json()["status"] == "canceled"
+    assert 0 < stack.redis.ttl(f"rq:job:{job_id}") <= stack.settings.result_ttl_s

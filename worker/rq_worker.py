@@ -34,6 +34,7 @@ from ctsr.contract import (
     JobCanceled,
     JobExpired,
     JobPayload,
+    cancel_job,
     canceled_key,
     done_key,
     input_key,
@@ -230,7 +231,7 @@ class BatchWorker(SimpleWorker):
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             pipe.execute()
-        job.cancel()
+        cancel_job(job, self.settings.result_ttl_s)
         self.metrics.jobs.labels("canceled").inc()
         self._announce(job)
 
