@@ -128,7 +128,10 @@ from service.app import create_app
 tmp = tempfile.mkdtemp()
 redis = start_embedded_redis(pathlib.Path(tmp))
 settings = Settings(redis_url=f"unix://{redis.socket_file}")
-uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+try:
+    uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+finally:
+    redis.shutdown()
 """
 
 
