@@ -39,7 +39,8 @@ class RedisBlobStore:
 class FileBlobStore:
     """Blobs as files named by a hash of the key; the expiry time is the file's mtime.
 
-    Expired files read as missing and are removed by :meth:`sweep` (run by workers).
+    Expired files read as missing and are removed by :meth:`sweep` (run by every worker's
+    maintenance, every ``CTSR_MAINTENANCE_INTERVAL_S``).
     """
 
     def __init__(self, folder: Path) -> None:

@@ -11,14 +11,12 @@ import contextlib
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 #: RQ calls this for a job; the batching worker runs the same code for many jobs at once.
 JOB_FUNC = "worker.tasks.upscale"
 KEY_PREFIX = "ctsr"
 OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-
-PublicStatus = Literal["queued", "started", "finished", "failed", "canceled", "expired"]
 
 
 def new_job_id() -> str:
@@ -119,7 +117,3 @@ def cancel_job(job: Any, ttl_s: int) -> None:
 
 class JobExpired(Exception):
     """A job waited in the queue past its deadline; the worker skips it."""
-
-
-class JobCanceled(Exception):
-    """A job was canceled while it ran; its outputs are dropped."""

@@ -18,7 +18,6 @@ after ``heartbeat_grace_s`` and RQ's registry maintenance (run by any other work
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -29,9 +28,8 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from ctsr.blobs import BlobStore
+from ctsr.blobs import BlobStore, FileBlobStore
 from ctsr.contract import (
-    JobCanceled,
     JobExpired,
     JobPayload,
     cancel_job,
@@ -48,8 +46,8 @@ from .engine import BatchEngine
 from .metrics import WorkerMetrics
 from .process import process_jobs
 
-#: Failures that no retry can fix: bad input, expired, canceled.
-FINAL_ERRORS = (CTSRError, JobExpired, JobCanceled)
+#: Failures that no retry can fix: bad input, expired.
+FINAL_ERRORS = (CTSRError, JobExpired)
 
 
 class BatchWorker(SimpleWorker):
@@ -87,6 +85,12 @@ class BatchWorker(SimpleWorker):
         self.ready = True
         self.metrics.model_ready.set(1)
         self.heartbeat()
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's registry clean-up (abandoned jobs come back here), plus expired file blobs."""
+        super().run_maintenance_tasks()
+        if isinstance(self.store, FileBlobStore):
+            self.store.sweep()
 
     def teardown(self) -> None:
         self.connection.delete(ready_key(self.name))
@@ -234,9 +238,3 @@ class BatchWorker(SimpleWorker):
         cancel_job(job, self.settings.result_ttl_s)
         self.metrics.jobs.labels("canceled").inc()
         self._announce(job)
-
-
-def log_to_stderr() -> None:
-    import logging
-
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
