@@ -164,7 +164,6 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from models.imaging import list_images, load_image, probe_image
     from models.pipeline import TileRunner, UpscaleJob, Upscaler, finish_images
     from models.presets import default_model
-    from models.tiling import TileGrid
 
     alphas = tuple(args.alpha or (DEFAULT_ALPHA,))
     if args.output.exists() and not args.output.is_dir():
@@ -176,7 +175,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     student = load_student(args.model or default_model(), **options)
     runner = TileRunner(student, args.device, args.dtype, compile=args.compile)
     upscaler = Upscaler(runner, tile=args.tile, overlap=args.overlap, max_batch=args.batch)
-    tiles = [len(TileGrid.plan(h, w, upscaler.tile, upscaler.overlap, student.size_multiple)) for w, h in sizes]
+    tiles = [len(upscaler.grid(h, w)) for w, h in sizes]
     args.output.mkdir(parents=True, exist_ok=True)
 
     with tqdm(total=sum(tiles), unit="tile", desc="upscaling", disable=None) as bar:

@@ -215,9 +215,13 @@ class Upscaler:
         self.canvas_device = None if canvas_device == "auto" else torch.device(canvas_device)
         self.canvas_limit = canvas_limit
 
+    def grid(self, height: int, width: int) -> TileGrid:
+        """Where the tiles of a ``height × width`` LR image go (no pixels needed)."""
+        return TileGrid.plan(height, width, self.tile, self.overlap, self.runner.student.size_multiple)
+
     def canvas(self, job: UpscaleJob) -> JobCanvas:
         _, h, w = job.image.shape
-        grid = TileGrid.plan(h, w, self.tile, self.overlap, self.runner.student.size_multiple)
+        grid = self.grid(h, w)
         device = self.canvas_device
         if device is None:
             small = JobCanvas.nbytes(grid, self.runner.scale, len(job.alphas)) <= self.canvas_limit

@@ -136,20 +136,20 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             result = job.return_value() or {}
             out["output"] = {"width": result.get("width"), "height": result.get("height")}
         elif status == JobStatus.FAILED:
-            reason = (job.latest_result().exc_string if job.latest_result() else "") or ""
+            latest = job.latest_result()
+            reason = (latest.exc_string if latest else "") or ""
             last = reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
             if "JobExpired" in last:
                 out["status"] = "expired"
             out["error"] = {"message": last.split(": ", 1)[-1][:300]}
+        elif status == JobStatus.CANCELED and redis.exists(expired_key(job.id)):
+            out["status"] = "expired"  # canceled by the gateway because it outlived its queue deadline
         return out
 
     def expire(job: Job) -> None:
         cancel_job(job, settings.result_ttl_s)
         store.delete(input_key(job.id))
         redis.set(expired_key(job.id), "1", ex=settings.result_ttl_s)
-
-    def is_expired(job: Job) -> bool:
-        return bool(redis.exists(expired_key(job.id)))
 
     @app.post("/upscale", status_code=202, openapi_extra=UPLOAD_SCHEMA, summary="Queue an image for ×4 upscaling")
     async def upscale(request: Request) -> Response:
@@ -243,16 +243,13 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     @app.get("/jobs/{job_id}", summary="Job status")
     def get_job(job_id: str) -> JSONResponse:
         job = fetch(job_id)
-        body = describe(job)
-        if is_expired(job):
-            body["status"] = "expired"
-        return JSONResponse(body)
+        return JSONResponse(describe(job))
 
     @app.get("/jobs/{job_id}/result", summary="The upscaled image (`alpha` picks a sweep member)")
     def get_result(job_id: str, alpha: str | None = Query(None, description="a sweep member, in [0, 1]")) -> Response:
         job = fetch(job_id)
         status = describe(job)["status"]
-        if status == "expired" or is_expired(job):
+        if status == "expired":
             raise APIError(410, "expired", "the job expired before it ran")
         if status != "finished":
             raise APIError(409, "not_finished", f"the job is {status}")

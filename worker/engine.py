@@ -44,7 +44,7 @@ class BatchEngine:
 
     def tiles_for(self, width: int, height: int) -> int:
         """How many tiles a ``width × height`` input needs (for filling batches)."""
-        return len(self.upscaler.canvas(UpscaleJob(torch.empty(3, height, width))).grid)
+        return len(self.upscaler.grid(height, width))
 
     def decode(self, data: bytes) -> LoadedImage:
         return load_image(data, max_pixels=self.settings.max_pixels)

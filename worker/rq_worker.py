@@ -46,6 +46,8 @@ from .engine import BatchEngine
 from .metrics import WorkerMetrics
 from .process import process_jobs
 
+PROGRESS_INTERVAL_S = 0.5
+
 #: Failures that no retry can fix: bad input, expired.
 FINAL_ERRORS = (CTSRError, JobExpired)
 
@@ -173,11 +175,18 @@ class BatchWorker(SimpleWorker):
         total = sum(self.engine.tiles_for(p.width, p.height) for *_, p in running)
         done_tiles = 0
 
+        last_report = time.monotonic()
+
         def on_batch(tiles: int) -> None:
-            nonlocal done_tiles
+            nonlocal done_tiles, last_report
             done_tiles += tiles
             self.metrics.batch_tiles.observe(tiles)
             self.metrics.tiles.inc(tiles)
+            # Progress and heartbeats cost Redis round trips per job: at most twice a second,
+            # not after every forward pass (a small model on a GPU runs hundreds per second).
+            if time.monotonic() - last_report < PROGRESS_INTERVAL_S:
+                return
+            last_report = time.monotonic()
             with self.connection.pipeline() as pipe:
                 for job, *_ in running:
                     pipe.set(progress_key(job.id), f"{min(done_tiles / total, 1):.3f}", ex=self.settings.result_ttl_s)
