@@ -1,0 +1,261 @@
+"""Result tables, the fidelity/realness trade-off plot and the issue's acceptance targets.
+
+One :class:`Row` per (method, alpha), holding dataset means. Methods are named by the constants
+below: the student at several alphas, the two teachers' pixel-space linear blend at the same
+alphas (the baseline the student must beat), the realness and fidelity teachers, and bicubic.
+
+The targets (:func:`check_targets`), with alpha = 1 the fidelity end and alpha = 0 the realness end:
+
+(a) the student's curve dominates the blend curve. The blend curve is the polyline through the
+    blend points in alpha order. A student point (NIQE n, PSNR p) is *dominated* when some point of
+    that polyline has NIQE ≤ n and PSNR ≥ p (as real and as faithful). The margin is
+    p − max{PSNR of the polyline where NIQE ≤ n}, +inf when the polyline is nowhere that real; the
+    target holds at an alpha when the margin is ≥ 0. It is checked at the alphas strictly between
+    0 and 1: at the ends the blend *is* a teacher, and (b) and (c) give the student its tolerance.
+(b) student alpha = 1 PSNR ≥ fidelity teacher PSNR − 0.3 dB (being better is fine);
+(c) student alpha = 0 NIQE ≤ realness teacher NIQE + 0.3;
+(d) at every alpha, student PSNR ≥ bicubic PSNR + 0.5 dB.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+STUDENT = "student"
+BLEND = "blend"
+REALNESS_TEACHER = "realness_teacher"
+FIDELITY_TEACHER = "fidelity_teacher"
+BICUBIC = "bicubic"
+METHODS = (STUDENT, BLEND, REALNESS_TEACHER, FIDELITY_TEACHER, BICUBIC)
+
+FIDELITY_TOLERANCE_DB = 0.3
+REALNESS_TOLERANCE_NIQE = 0.3
+BICUBIC_MARGIN_DB = 0.5
+_ALPHA_ATOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Row:
+    """Dataset-mean metrics of one method (at one alpha, for the student and the blend)."""
+
+    method: str
+    alpha: float | None
+    psnr: float
+    ssim: float
+    niqe: float
+    lpips: float | None
+    seconds: float | None  # mean seconds per image, None when not timed
+
+
+class TargetCheck(NamedTuple):
+    description: str
+    value: float
+    passed: bool
+
+
+# -- CSV --------------------------------------------------------------------------------------------
+_COLUMNS = [f.name for f in fields(Row)]
+
+
+def write_csv(rows: Iterable[Row], path: str | os.PathLike[str]) -> Path:
+    """One line per row, the :class:`Row` fields as columns, None as an empty cell."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
+    return out
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[Row]:
+    """The rows :func:`write_csv` wrote (so targets and plots can be redone from a saved run)."""
+
+    def num(text: str) -> float | None:
+        return None if text == "" else float(text)
+
+    with Path(path).open(newline="") as handle:
+        return [
+            Row(
+                method=r["method"],
+                alpha=num(r["alpha"]),
+                psnr=float(r["psnr"]),
+                ssim=float(r["ssim"]),
+                niqe=float(r["niqe"]),
+                lpips=num(r["lpips"]),
+                seconds=num(r["seconds"]),
+            )
+            for r in csv.DictReader(handle)
+        ]
+
+
+# -- selection --------------------------------------------------------------------------------------
+def curve(rows: Iterable[Row], method: str) -> list[Row]:
+    """``method``'s rows that have an alpha, sorted by alpha."""
+    return sorted((r for r in rows if r.method == method and r.alpha is not None), key=lambda r: float(r.alpha or 0))
+
+
+def single(rows: Iterable[Row], method: str) -> Row | None:
+    """The (first) row of a method that has no alpha: a teacher or bicubic."""
+    return next((r for r in rows if r.method == method), None)
+
+
+def at_alpha(rows: Iterable[Row], method: str, alpha: float) -> Row | None:
+    return next((r for r in curve(rows, method) if math.isclose(float(r.alpha or 0), alpha, abs_tol=_ALPHA_ATOL)), None)
+
+
+# -- targets ----------------------------------------------------------------------------------------
+def best_psnr_at_most_niqe(polyline: Sequence[tuple[float, float]], niqe: float) -> float:
+    """max PSNR over the points of the (NIQE, PSNR) polyline whose NIQE ≤ ``niqe``; −inf if none."""
+    best = -math.inf
+    for n, p in polyline:
+        if n <= niqe:
+            best = max(best, p)
+    for (n0, p0), (n1, p1) in itertools.pairwise(polyline):
+        if min(n0, n1) < niqe < max(n0, n1):  # the segment crosses NIQE = niqe: its point there counts
+            best = max(best, p0 + (p1 - p0) * (niqe - n0) / (n1 - n0))
+    return best
+
+
+def dominance_margin(student: Row, blend_curve: Sequence[Row]) -> float:
+    """PSNR (dB) by which the student point clears the blend polyline at its own NIQE; ≥ 0 = not dominated."""
+    best = best_psnr_at_most_niqe([(r.niqe, r.psnr) for r in blend_curve], student.niqe)
+    return math.inf if best == -math.inf else student.psnr - best
+
+
+def _missing(description: str) -> TargetCheck:
+    return TargetCheck(f"{description} [missing rows]", math.nan, False)
+
+
+def check_targets(rows: Sequence[Row]) -> list[TargetCheck]:
+    """(description, measured value, passed) for each target (a)-(d); see the module docstring.
+
+    (a) and (d) give one entry per student alpha; a target whose rows are missing fails with NaN.
+    """
+    student, blend = curve(rows, STUDENT), curve(rows, BLEND)
+    checks: list[TargetCheck] = []
+
+    interior = [r for r in student if 0 < float(r.alpha or 0) < 1]
+    if not interior or not blend:
+        checks.append(_missing("(a) student curve dominates the blend curve"))
+    for r in interior if blend else []:
+        margin = dominance_margin(r, blend)
+        checks.append(
+            TargetCheck(
+                f"(a) student α={r.alpha:g} not dominated by the blend curve (PSNR margin, dB)", margin, margin >= 0
+            )
+        )
+
+    fidelity, s1 = single(rows, FIDELITY_TEACHER), at_alpha(rows, STUDENT, 1.0)
+    desc = f"(b) student α=1 PSNR within {FIDELITY_TOLERANCE_DB} dB of the fidelity teacher (deficit, dB)"
+    if fidelity is None or s1 is None:
+        checks.append(_missing(desc))
+    else:
+        deficit = fidelity.psnr - s1.psnr
+        checks.append(TargetCheck(desc, deficit, deficit <= FIDELITY_TOLERANCE_DB))
+
+    realness, s0 = single(rows, REALNESS_TEACHER), at_alpha(rows, STUDENT, 0.0)
+    desc = f"(c) student α=0 NIQE within {REALNESS_TOLERANCE_NIQE} of the realness teacher (excess NIQE)"
+    if realness is None or s0 is None:
+        checks.append(_missing(desc))
+    else:
+        excess = s0.niqe - realness.niqe
+        checks.append(TargetCheck(desc, excess, excess <= REALNESS_TOLERANCE_NIQE))
+
+    bicubic = single(rows, BICUBIC)
+    if bicubic is None or not student:
+        checks.append(_missing(f"(d) every student alpha ≥ bicubic PSNR + {BICUBIC_MARGIN_DB} dB"))
+    for r in student if bicubic is not None else []:
+        gain = r.psnr - bicubic.psnr
+        desc = f"(d) student α={r.alpha:g} PSNR ≥ bicubic + {BICUBIC_MARGIN_DB} dB (gain, dB)"
+        checks.append(TargetCheck(desc, gain, gain >= BICUBIC_MARGIN_DB))
+    return checks
+
+
+# -- plot -------------------------------------------------------------------------------------------
+def plot_tradeoff(rows: Sequence[Row], path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """PNG of PSNR against NIQE: the student and blend curves (alphas annotated) and the reference points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 5), dpi=120)
+    FigureCanvasAgg(fig)  # no pyplot: no global state, safe in threads and without a display
+    ax = fig.add_subplot()
+    curves = ((STUDENT, "o-", "student (one model, α)", (5, 4)), (BLEND, "s--", "teacher pixel blend (α)", (5, -11)))
+    for method, style, label, offset in curves:
+        pts = curve(rows, method)
+        if not pts:
+            continue
+        (line,) = ax.plot([r.niqe for r in pts], [r.psnr for r in pts], style, label=label)
+        for r in pts:
+            ax.annotate(
+                f"α={r.alpha:g}",
+                (r.niqe, r.psnr),
+                textcoords="offset points",
+                xytext=offset,
+                fontsize=7,
+                color=line.get_color(),
+            )
+    for method, marker, label in (
+        (REALNESS_TEACHER, "*", "realness teacher"),
+        (FIDELITY_TEACHER, "D", "fidelity teacher"),
+        (BICUBIC, "x", "bicubic"),
+    ):
+        r = single(rows, method)
+        if r is not None:
+            ax.plot([r.niqe], [r.psnr], marker, markersize=10, linestyle="none", label=label)
+    ax.set_xlabel("NIQE  (← more real)")
+    ax.set_ylabel("PSNR, Y channel (dB)  (↑ more faithful)")
+    ax.set_title(title or "Fidelity / realness trade-off")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+# -- markdown ----------------------------------------------------------------------------------------
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Iterable[Row]) -> str:
+    """A GitHub-markdown table of the rows, for a model card (↑ / ↓ mark the better direction)."""
+    lines = [
+        "| method | α | PSNR (dB) ↑ | SSIM ↑ | NIQE ↓ | LPIPS ↓ | s / image |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        alpha = "–" if r.alpha is None else f"{r.alpha:g}"
+        cells = [
+            r.method,
+            alpha,
+            _fmt(r.psnr, 2),
+            _fmt(r.ssim, 4),
+            _fmt(r.niqe, 3),
+            _fmt(r.lpips, 4),
+            _fmt(r.seconds, 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def targets_markdown(checks: Iterable[TargetCheck]) -> str:
+    """The target checks as a markdown table (pass/fail per line)."""
+    lines = ["| target | value | result |", "| --- | ---: | :---: |"]
+    lines += [f"| {c.description} | {_fmt(c.value, 3)} | {'pass' if c.passed else 'FAIL'} |" for c in checks]
+    return "\n".join(lines) + "\n"
