@@ -96,6 +96,23 @@ class CTSRStudent(nn.Module):
         out = torch.cat(decoded) if decoded else lr.new_zeros((0, 3, 1, 1))
         return list(out.split([len(sample) for sample in alphas]))
 
+    # -- training hooks (used by models.training) ------------------------------------------------
+    def encode_target(self, image: torch.Tensor) -> torch.Tensor | None:
+        """SR-sized image → the latent the decoder would need to draw it, where the family can say.
+
+        sd21's VAE encoder gives it, which lets stage 1 match latents and stage 2 regress the
+        velocity onto ``z1 - z0`` directly. Families without an image→latent map return None and
+        are trained through their decoder instead.
+        """
+        return None
+
+    @abstractmethod
+    def trainable_parameters(self, stage: str, decoder: bool = False) -> list[nn.Parameter]:
+        """What a training stage updates: ``stage1`` the one-step student, ``stage2`` the velocity.
+
+        ``decoder=True`` lets stage 2 also adapt the decoder (families that allow it).
+        """
+
     # -- checkpoint contract (implemented per family, used by models.checkpoint) ----------------
     @classmethod
     @abstractmethod

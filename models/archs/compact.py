@@ -74,6 +74,15 @@ class CompactStudent(CTSRStudent):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return (self.decoder(z) + 1) / 2
 
+    def trainable_parameters(self, stage: str, decoder: bool = False) -> list[nn.Parameter]:
+        modules = {
+            "stage1": [self.encoder, self.body, self.decoder],
+            "stage2": [self.velocity_net, *([self.decoder] if decoder else [])],
+        }
+        if stage not in modules:
+            raise ConfigError(f"compact: unknown training stage {stage!r}")
+        return [p for m in modules[stage] for p in m.parameters()]
+
     @classmethod
     def build(cls, config: StudentConfig, folder: Path | None = None, **options: Any) -> CompactStudent:
         if options:

@@ -172,6 +172,31 @@ class SD21Student(CTSRStudent):
         x = self.vae.decode(z / self.vae.config.scaling_factor).sample
         return (x + 1) / 2
 
+    # -- training hooks -------------------------------------------------------------------------
+    def encode_target(self, image: torch.Tensor) -> torch.Tensor:
+        """The base VAE's latent of an SR-sized image (student LoRA off: the decoder's own encoder)."""
+        self.vae.disable_adapters()
+        try:
+            x = (image * 2 - 1).clamp(-1, 1)
+            return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        finally:
+            self.vae.enable_adapters()
+
+    def trainable_parameters(self, stage: str, decoder: bool = False) -> list[torch.nn.Parameter]:
+        if self.unet_velocity is not None:
+            raise ConfigError("sd21: adapters were fused for inference; train an unfused student")
+        if decoder:
+            raise ConfigError("sd21: the VAE decoder stays frozen (stage 2 regresses latents)")
+        adapter = {"stage1": "student", "stage2": "velocity"}.get(stage)
+        if adapter is None:
+            raise ConfigError(f"sd21: unknown training stage {stage!r}")
+        params = []
+        for module in (self.unet, self.vae):
+            for name, param in module.named_parameters():
+                if "lora_" in name and f".{adapter}." in name:
+                    params.append(param)
+        return params
+
     # -- construction and checkpoint ------------------------------------------------------------
     @classmethod
     def build(

@@ -1,0 +1,95 @@
+"""The fidelity teacher: an RRDBNet trained here with L1 on the same degradations (PSNR-oriented).
+
+Stored like a student checkpoint: ``config.json`` (``kind: teacher``, the network's options and
+provenance) + ``model.safetensors``. Training starts from Real-ESRGAN's weights by default: the
+GAN model already knows how to undo these degradations, and an L1 fine-tune turns it into a
+PSNR-oriented model much faster than training from scratch (Real-ESRGAN went the other way:
+RealESRNet with L1 first, then the GAN).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .rrdbnet import RRDBNet
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+class FidelityTeacher(nn.Module):
+    scale: int
+
+    def __init__(self, options: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.options = {"num_feat": 64, "num_block": 23, "num_grow_ch": 32, "scale": 4, **(options or {})}
+        self.provenance = dict(provenance or {})
+        self.net = RRDBNet(**self.options)
+        self.scale = self.options["scale"]
+        self.name = "fidelity"
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        """Unclamped output, for training."""
+        return self.net(lr)
+
+    def sr(self, lr: torch.Tensor) -> torch.Tensor:
+        """Teacher use: no gradients, clamped to [0, 1]."""
+        with torch.no_grad():
+            param = next(self.parameters())
+            return self.net(lr.to(param.dtype)).float().clamp(0, 1)
+
+    def save_pretrained(self, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME))
+        config = {"kind": "teacher", "name": "fidelity-rrdbnet", "options": self.options, "provenance": self.provenance}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: Path) -> FidelityTeacher:
+        from safetensors.torch import load_file
+
+        try:
+            config = json.loads((folder / CONFIG_NAME).read_text())
+            state = load_file(str(folder / WEIGHTS_NAME))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{folder}: not a fidelity teacher checkpoint ({exc})") from None
+        if config.get("kind") != "teacher":
+            raise CheckpointError(f"{folder}: config.json is not a teacher's")
+        teacher = cls(config.get("options"), config.get("provenance"))
+        try:
+            teacher.net.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError as exc:
+            raise CheckpointError(f"{folder}: weights do not fit the configured network ({exc})") from None
+        teacher.name = f"fidelity-{weights_digest(folder)}"
+        return teacher.eval()
+
+
+def weights_digest(folder: Path) -> str:
+    try:
+        return hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()[:12]
+    except OSError as exc:
+        raise CheckpointError(f"{folder}: not a fidelity teacher checkpoint ({exc})") from None
+
+
+class FidelityTeacherAdapter:
+    """The :class:`~models.teachers.Teacher` face of a :class:`FidelityTeacher`."""
+
+    def __init__(self, model: FidelityTeacher) -> None:
+        self.model, self.name, self.scale = model, model.name, model.scale
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.model.sr(lr)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FidelityTeacherAdapter:
+        self.model.to(device=device, dtype=dtype)
+        return self

@@ -1,0 +1,111 @@
+"""A training run as data: one JSON file per stage (see ``models/configs/training/``).
+
+Relative paths in a config resolve against the current directory; ``ctsr train`` can override
+``pairs``, ``output``, ``steps`` and ``device`` on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+STAGES = ("fidelity_teacher", "stage1", "stage2")
+
+
+@dataclass
+class LossWeights:
+    """Stage 1: ``reconstruction·L1(SR, HR) + fidelity·L1(SR, T_f) + realness·L1(SR, T_r) + latent·MSE(z0, E(T_r))``
+    (+ ``realness_spectrum``, below).
+
+    Stage 2 (velocity): ``fidelity·L1(D(z0+v), T_f) + reconstruction·L1(D(z0+v), HR) + latent·MSE(v, E(T_f)−z0)``,
+    plus ``realness·L1(D(z0), T_r)`` to hold the alpha=0 end when the decoder is trained too.
+    ``E`` is the family's image→latent encoder; the latent terms need one (sd21), compact has none.
+    """
+
+    reconstruction: float = 0.0
+    fidelity: float = 0.0
+    realness: float = 0.0
+    latent: float = 0.0
+    #: L1 between the FFT amplitude spectra of the SR and the realness teacher's output. Pixel L1 to a
+    #: textured target rewards a blurred average; matching the spectrum asks for texture energy
+    #: wherever it sits (stage 1, and stage 2's alpha=0 anchor).
+    realness_spectrum: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    pairs: str
+    output: str
+    #: stage1: a preset name or a checkpoint folder; stage2: the stage-1 checkpoint;
+    #: fidelity_teacher: "realesrgan" (start from its weights) or null (random init).
+    init: str | None = None
+    realness_teacher: str = "realesrgan"
+    fidelity_teacher: str | None = None  # a fidelity-teacher checkpoint folder
+    teacher_options: dict[str, Any] = field(default_factory=dict)  # fidelity_teacher: RRDBNet options
+    loss: LossWeights = field(default_factory=LossWeights)
+    train_decoder: bool = False  # stage2: adapt the decoder too (compact)
+    steps: int = 1000
+    #: Optional wall-clock budget: the schedule then follows max(step/steps, elapsed/max_seconds)
+    #: and training ends when either runs out (how a lent GPU's fixed time is used fully).
+    max_seconds: float | None = None
+    batch_size: int = 16
+    crop: int | None = 48  # LR crop edge taken from each pair (None: the whole pair)
+    lr: float = 2e-4
+    lr_min: float = 1e-6
+    warmup: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, off
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    teacher_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            try:
+                self.loss = LossWeights(**self.loss)
+            except TypeError as exc:
+                raise ConfigError(f"invalid loss weights: {exc}") from None
+        if self.stage not in STAGES:
+            raise ConfigError(f"unknown stage {self.stage!r} (one of {', '.join(STAGES)})")
+        if self.stage != "fidelity_teacher" and not self.init:
+            raise ConfigError(f"{self.stage} needs 'init' (a preset or checkpoint to start from)")
+        if self.stage == "stage2" and not self.fidelity_teacher:
+            raise ConfigError("stage2 needs 'fidelity_teacher' (the velocity points at its outputs)")
+        if self.stage == "stage1" and self.loss.fidelity and not self.fidelity_teacher:
+            raise ConfigError("loss.fidelity > 0 needs 'fidelity_teacher'")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"amp must be auto, bf16 or off, not {self.amp!r}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "teacher_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+    @classmethod
+    def load(cls, path: Path, **overrides: Any) -> TrainConfig:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable training config ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"comment"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        data.pop("comment", None)
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

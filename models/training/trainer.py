@@ -1,0 +1,194 @@
+"""The training loop shared by every stage: batches, AMP, schedule, logs, checkpoints, resume.
+
+An output folder holds ``log.jsonl`` (one line per logged step), ``checkpoint-NNNNNN/`` folders
+(the model in its own checkpoint format + ``trainer_state.pt``: optimiser, schedule, step, RNG)
+and, when the run ends, ``final/``. ``resume=True`` continues from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..device import resolve_device
+from ..errors import ConfigError
+from ..teachers.loading import load_teacher, teacher_name
+from .cache import teacher_outputs
+from .config import TrainConfig
+from .pairs import PairSet
+from .stages import Stage, build_stage
+
+STATE_NAME, LOG_NAME, FINAL_NAME = "trainer_state.pt", "log.jsonl", "final"
+
+
+def lr_factor(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``lr_min`` as progress → 1."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    floor = config.lr_min / config.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def checkpoints(output: Path) -> list[Path]:
+    return sorted(p for p in output.glob("checkpoint-*") if (p / STATE_NAME).is_file())
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: bool | None = None) -> None:
+        self.config = config
+        self.output = Path(config.output)
+        self.device = resolve_device(config.device)
+        self.progress = progress
+        self.pairs = PairSet.load(Path(config.pairs))
+        if self.pairs.spec.scale != 4:
+            raise ConfigError("training supports x4 pairs")
+        torch.manual_seed(config.seed)  # the same config starts from the same weights
+        self.stage: Stage = build_stage(config)
+        self.stage.model.to(self.device)
+        # Everything a batch needs, once on the training device (uint8: 2000 pairs ≈ 1.2 GB with both teachers).
+        self.data = {"lr": self.pairs.lr, "hr": self.pairs.hr, **self._teacher_targets()}
+        self.data = {k: v.to(self.device) for k, v in self.data.items()}
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds so far (carried across resumes)
+
+    def _progress(self) -> float:
+        c = self.config
+        by_time = self.elapsed / c.max_seconds if c.max_seconds else 0.0
+        return max(self.step / c.steps, by_time)
+
+    # -- data --------------------------------------------------------------------------------
+    def _teacher_targets(self) -> dict[str, torch.Tensor]:
+        from tqdm import tqdm
+
+        out = {}
+        for key, attr in self.stage.teachers.items():
+            spec = getattr(self.config, attr)
+            name = teacher_name(spec)
+            quiet = self.progress is False
+            with tqdm(total=len(self.pairs), desc=f"teacher {name}", unit="pair", disable=quiet) as bar:
+                out[key] = teacher_outputs(
+                    self.pairs, name, lambda s=spec: load_teacher(s, self.device), self.device,
+                    self.config.teacher_batch, bar.update,
+                )  # fmt: skip
+        return out
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        """A random batch of pairs, the same random LR crop (and matching SR crop) for each."""
+        c, n = self.config, len(self.pairs)
+        idx = torch.randint(n, (c.batch_size,), generator=self.gen).to(self.device)
+        h = self.pairs.lr.shape[-1]
+        crop = min(c.crop or h, h)
+        top, left = (int(v) for v in torch.randint(h - crop + 1, (2,), generator=self.gen))
+        s = self.pairs.spec.scale
+        lr_win = (slice(None), slice(None), slice(top, top + crop), slice(left, left + crop))
+        sr_win = (slice(None), slice(None), slice(top * s, (top + crop) * s), slice(left * s, (left + crop) * s))
+        return {k: v[idx][lr_win if k == "lr" else sr_win].float().div_(255) for k, v in self.data.items()}
+
+    # -- loop --------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        use = self.config.amp == "bf16" or (self.config.amp == "auto" and self.device.type == "cuda")
+        if not use:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train(self, resume: bool = False) -> Path:
+        from tqdm import tqdm
+
+        c = self.config
+        model = self.stage.model
+        model.requires_grad_(False)
+        params = self.stage.parameters()
+        if not params:
+            raise ConfigError(f"{c.stage}: nothing to train")
+        for p in params:
+            p.requires_grad_(True)
+        model.train()
+        optim = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.99))
+        if resume:
+            self._resume(optim)
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / "train_config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        log = (self.output / LOG_NAME).open("a")
+        running: dict[str, float] = {}
+        started = time.perf_counter() - self.elapsed
+        bar = tqdm(total=c.steps, initial=self.step, desc=c.stage, unit="step", disable=self.progress is False)
+        try:
+            while self._progress() < 1:
+                for group in optim.param_groups:
+                    group["lr"] = c.lr * lr_factor(c, self.step, self._progress())
+                batch = self.batch()
+                with self._autocast():
+                    terms = self.stage.losses(batch)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"loss became {loss.item()} at step {self.step}; lower lr")
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                optim.step()
+                self.step += 1
+                self.elapsed = time.perf_counter() - started
+                done = self._progress() >= 1
+                for k, v in {"total": loss, **terms}.items():
+                    running[k] = running.get(k, 0.0) + float(v.detach())
+                bar.update(1)
+                if self.step % c.log_every == 0 or done:
+                    count = c.log_every if self.step % c.log_every == 0 else self.step % c.log_every
+                    means = {k: v / count for k, v in running.items()}
+                    record = {"step": self.step, "lr": optim.param_groups[0]["lr"], "loss": means,
+                              "elapsed_s": round(self.elapsed, 2)}  # fmt: skip
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{means['total']:.4f}")
+                    running.clear()
+                if self.step % c.checkpoint_every == 0 or done:
+                    self._checkpoint(optim)
+        finally:
+            bar.close()
+            log.close()
+        model.eval()
+        final = self.output / FINAL_NAME
+        self.stage.save(final, self._provenance())
+        return final
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _provenance(self) -> dict[str, Any]:
+        # Keyed by stage, so a stage-2 checkpoint still records how its stage-1 start was trained.
+        record = {"steps": self.step, "seconds": round(self.elapsed, 1), "device": str(self.device),
+                  "pairs": self.pairs.fingerprint, "photos": len(json.loads(
+                      (self.pairs.folder / "pairs.json").read_text())["photos"])}  # fmt: skip
+        return {f"trained_{self.config.stage}": record}
+
+    def _checkpoint(self, optim: torch.optim.Optimizer) -> None:
+        folder = self.output / f"checkpoint-{self.step:06d}"
+        self.stage.save(folder, self._provenance())
+        state = {"step": self.step, "elapsed": self.elapsed, "optimizer": optim.state_dict(),
+                 "generator": self.gen.get_state()}  # fmt: skip
+        torch.save(state, folder / (STATE_NAME + ".tmp"))
+        (folder / (STATE_NAME + ".tmp")).replace(folder / STATE_NAME)  # written last: marks it complete
+        for old in checkpoints(self.output)[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    def _resume(self, optim: torch.optim.Optimizer) -> None:
+        found = checkpoints(self.output)
+        if not found:
+            raise ConfigError(f"{self.output}: no checkpoint to resume from")
+        folder = found[-1]
+        self.stage.load_weights(folder)
+        self.stage.model.to(self.device)
+        state = torch.load(folder / STATE_NAME, map_location=self.device, weights_only=False)
+        optim.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool | None = None) -> Path:
+    return Trainer(config, progress).train(resume)
