@@ -1,4 +1,4 @@
-"""``ctsr``: upscale images and manage checkpoints from the command line.
+"""``ctsr``: upscale images, serve, manage checkpoints, train and evaluate from the command line.
 
 Every failure a user can cause (bad input, bad checkpoint, bad option) ends as one line on
 stderr and a non-zero exit, never a traceback.
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import cli_training
 from .contract import alpha_label
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPT = 1, 2, 130
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "gateway":
             cmd.add_argument("--model", type=Path, help="checkpoint folder (default CTSR_MODEL, else bundled)")
         cmd.set_defaults(handler=cmd_service)
+    cli_training.add_parsers(sub, _positive, _alpha)
     return parser
 
 

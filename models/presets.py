@@ -14,8 +14,10 @@ from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = {"compact": "compact-x4", "sd21": "sd21-base"}
-#: Where the bundled default model lives once one is trained (issue: distillation pipeline).
+#: The bundled default model (compact x4, distilled by models/training/recipe.py; card beside it).
 BUNDLED_MODEL = Path(__file__).parent / "weights" / "ctsr-compact-x4"
+#: The fidelity teacher the bundled model was distilled from (used by ``ctsr eval``).
+BUNDLED_FIDELITY_TEACHER = Path(__file__).parent / "weights" / "fidelity-rrdbnet-x4"
 
 
 def preset_names() -> list[str]:
@@ -40,10 +42,7 @@ def load_preset(name_or_path: str) -> StudentConfig:
 
 
 def default_model() -> Path:
-    """The bundled checkpoint, or a clear error while the project ships none."""
+    """The bundled checkpoint, or a clear error where an installation lacks it."""
     if not (BUNDLED_MODEL / "config.json").is_file():
-        raise ConfigError(
-            "no bundled model is installed yet; pass --model PATH "
-            "(a random-weight checkpoint for trying the pipeline: ctsr model init --arch compact OUT)"
-        )
+        raise ConfigError(f"the bundled model is missing from this installation ({BUNDLED_MODEL}); pass --model PATH")
     return BUNDLED_MODEL

@@ -22,7 +22,6 @@ from ctsr.cli import alpha_label, main
 from models import load_student
 from models.imaging import load_image
 from models.pipeline import TileRunner, UpscaleJob, Upscaler, finish_images
-from models.presets import BUNDLED_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +170,11 @@ def test_usage_errors_exit_2(
     assert message in err.strip().splitlines()[-1]
 
 
-@pytest.mark.skipif(BUNDLED_MODEL.joinpath("config.json").is_file(), reason="a bundled model is installed")
-def test_upscale_without_model_explains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _fails(capsys, ["upscale", str(PHOTO), "-o", str(tmp_path / "out")], "no bundled model", "--model")
+def test_upscale_without_model_explains_a_missing_bundled_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("models.presets.BUNDLED_MODEL", tmp_path / "not-installed")
+    _fails(capsys, ["upscale", str(PHOTO), "-o", str(tmp_path / "out")], "bundled model", "--model")
 
 
 def test_existing_outputs_need_overwrite(

