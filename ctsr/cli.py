@@ -98,8 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "gateway":
             cmd.add_argument("--model", type=Path, help="checkpoint folder (default CTSR_MODEL, else bundled)")
         cmd.set_defaults(handler=cmd_service)
+    key = sub.add_parser("key", help="API keys for the gateway")
+    ksub = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    knew = ksub.add_parser("new", help="make a key: prints it once, and the hash that goes in CTSR_API_KEYS")
+    knew.add_argument("name", help="who the key is for (owns the jobs made with it)")
+    knew.set_defaults(handler=cmd_key_new)
     cli_training.add_parsers(sub, _positive, _alpha)
     return parser
+
+
+def cmd_key_new(args: argparse.Namespace) -> int:
+    from service.access import hash_key, new_key
+
+    key = new_key()
+    print(f"key (give it to {args.name}; it is not stored anywhere): {key}")
+    print(f"CTSR_API_KEYS entry: {json.dumps({args.name: hash_key(key)})}")
+    return 0
 
 
 def cmd_service(args: argparse.Namespace) -> int:

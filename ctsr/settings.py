@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,20 @@ class Settings(BaseSettings):
     max_waiters: int = Field(64, ge=1)  # requests blocked in `Prefer: wait` at once
     job_timeout_s: int = Field(600, ge=10)
     job_retries: int = Field(2, ge=0)  # retries after a worker dies mid-batch
+
+    # -- access ---------------------------------------------------------------------------------
+    api_keys: dict[str, str] = {}  # key name → SHA-256 hex of the key (`ctsr key new NAME`); empty: open API
+    rate_limit_per_min: int = Field(0, ge=0)  # uploads per key (or client address) a minute; 0: off
+    metrics_need_key: bool = False  # put /metrics behind the API keys too
+    cors_origins: list[str] = []  # browser origins allowed to call the API ("*": any)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashed_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for name, digest in keys.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError(f"{name!r} is not a SHA-256 hex digest (make one with: ctsr key new NAME)")
+        return {name: digest.lower() for name, digest in keys.items()}
 
     # -- worker ---------------------------------------------------------------------------------
     model: Path | None = None  # checkpoint folder; default: the bundled model

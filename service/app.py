@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
@@ -35,11 +37,14 @@ from ctsr.contract import (
 )
 from ctsr.settings import Settings
 
+from .access import API_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, caller_id
 from .errors import APIError, api_error_handler
 from .metrics import GatewayMetrics
 from .uploads import BodyTooLarge, check_image, limited_receive, parse_alpha, parse_options
 
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields around the image
+HTML_PAGES = ("/docs", "/redoc")  # they load scripts and styles; every other response gets API_CSP
+log = logging.getLogger("ctsr.gateway")
 
 UPLOAD_SCHEMA = {
     "requestBody": {
@@ -81,6 +86,31 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         "download the ×4 result.",
     )
     app.add_exception_handler(APIError, api_error_handler)
+    keys = KeyRing(settings.api_keys)
+    limiter = RateLimiter(redis, settings.rate_limit_per_min)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Prefer"],
+            expose_headers=[
+                "Location",
+                "Retry-After",
+                "X-CTSR-Alpha",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+            ],
+            max_age=600,
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug must not leak a stack trace: log it, answer a plain JSON 500."""
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        body = {"error": {"code": "internal", "message": "internal error; it has been logged"}}
+        return JSONResponse(body, status_code=500, headers={**SECURITY_HEADERS, "Content-Security-Policy": API_CSP})
 
     @app.exception_handler(RedisError)
     async def redis_down(_: Request, exc: RedisError) -> JSONResponse:
@@ -95,18 +125,26 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         path = getattr(route, "path", "unmatched")
         metrics.requests.labels(request.method, path, str(response.status_code)).inc()
         metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
+        response.headers.update(SECURITY_HEADERS)
+        if not request.url.path.startswith(HTML_PAGES):
+            response.headers["Content-Security-Policy"] = API_CSP
         return response
 
     def urls(job_id: str) -> dict[str, str]:
         return {"job": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result", "cancel": f"/jobs/{job_id}"}
 
-    def fetch(job_id: str) -> Job:
+    def fetch(job_id: str, request: Request) -> Job:
+        """The job, if it exists and belongs to the caller (another key's job is "no such job")."""
+        owner = keys.identify(request)
         if not is_job_id(job_id):
             raise APIError(404, "unknown_job", "no such job (job ids are UUIDs)")
         try:
-            return Job.fetch(job_id, connection=redis)
+            job = Job.fetch(job_id, connection=redis)
         except NoSuchJobError:
-            raise APIError(404, "unknown_job", "no such job (or it has expired and been removed)") from None
+            job = None
+        if job is None or (keys.enabled and job.meta.get("owner") != owner):
+            raise APIError(404, "unknown_job", "no such job (or it has expired and been removed)")
+        return job
 
     def describe(job: Job) -> dict[str, Any]:
         payload = JobPayload.from_dict(job.args[0])
@@ -153,6 +191,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
 
     @app.post("/upscale", status_code=202, openapi_extra=UPLOAD_SCHEMA, summary="Queue an image for ×4 upscaling")
     async def upscale(request: Request) -> Response:
+        owner = keys.identify(request)
+        rate_headers = limiter.hit(caller_id(request, owner))  # before reading the body
         limit = settings.max_upload_bytes + FORM_SLACK
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
@@ -171,14 +211,16 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             metrics.rejected.labels("malformed_form").inc()
             raise APIError(400, "malformed_form", f"expected multipart/form-data ({str(exc)[:80]})") from None
         try:
-            return await _accept(request, form)
+            response = await _accept(request, form, owner)
+            response.headers.update(rate_headers)
+            return response
         except APIError as exc:
             metrics.rejected.labels(exc.code).inc()
             raise
         finally:
             await form.close()
 
-    async def _accept(request: Request, form: Any) -> Response:
+    async def _accept(request: Request, form: Any, owner: str | None) -> Response:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise APIError(400, "missing_image", "send the image as a file in the multipart field 'image'")
@@ -204,6 +246,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             failure_ttl=ttl,
             retry=Retry(max=settings.job_retries) if settings.job_retries else None,
             description=f"upscale {width}x{height} alphas={','.join(map(alpha_label, options.alphas))}",
+            meta={"owner": owner},
         )
         metrics.submitted.inc()
         body = {"id": job_id, "status": "queued", "urls": urls(job_id)}
@@ -241,13 +284,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return Response(data, media_type=result["content_type"], headers={"X-CTSR-Alpha": label})
 
     @app.get("/jobs/{job_id}", summary="Job status")
-    def get_job(job_id: str) -> JSONResponse:
-        job = fetch(job_id)
+    def get_job(job_id: str, request: Request) -> JSONResponse:
+        job = fetch(job_id, request)
         return JSONResponse(describe(job))
 
     @app.get("/jobs/{job_id}/result", summary="The upscaled image (`alpha` picks a sweep member)")
-    def get_result(job_id: str, alpha: str | None = Query(None, description="a sweep member, in [0, 1]")) -> Response:
-        job = fetch(job_id)
+    def get_result(
+        job_id: str, request: Request, alpha: str | None = Query(None, description="a sweep member, in [0, 1]")
+    ) -> Response:
+        job = fetch(job_id, request)
         status = describe(job)["status"]
         if status == "expired":
             raise APIError(410, "expired", "the job expired before it ran")
@@ -256,8 +301,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return _result_response(job, None if alpha is None else parse_alpha(alpha))
 
     @app.delete("/jobs/{job_id}", summary="Cancel a job")
-    def delete_job(job_id: str) -> JSONResponse:
-        job = fetch(job_id)
+    def delete_job(job_id: str, request: Request) -> JSONResponse:
+        job = fetch(job_id, request)
         status = job.get_status(refresh=False)
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             cancel_job(job, settings.result_ttl_s)
@@ -286,7 +331,9 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
                             status_code=200 if ready else 503)  # fmt: skip
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
-    def prometheus() -> Response:
+    def prometheus(request: Request) -> Response:
+        if settings.metrics_need_key:
+            keys.identify(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.settings, app.state.redis, app.state.queue = settings, redis, queue
