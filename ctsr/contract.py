@@ -8,6 +8,7 @@ no web framework.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,21 @@ def ready_key(worker_name: str) -> str:
 
 
 READY_PATTERN = f"{KEY_PREFIX}:ready:*"
+#: Webhook deliveries waiting for a gateway (a list of JSON records), and those waiting to retry
+#: (a sorted set scored by the unix time of the next attempt).
+WEBHOOK_QUEUE_KEY = f"{KEY_PREFIX}:webhooks"
+WEBHOOK_RETRY_KEY = f"{KEY_PREFIX}:webhooks:retry"
+
+
+def webhook_record(payload: JobPayload, status: str) -> str | None:
+    """What a worker pushes onto :data:`WEBHOOK_QUEUE_KEY` when a job ends (None: no webhook).
+
+    One RPUSH in the worker's end-of-job pipeline: delivery (network, retries) is the gateways'
+    work, so a slow or dead receiver never holds a GPU worker.
+    """
+    if not payload.webhook:
+        return None
+    return json.dumps({"job_id": payload.job_id, "url": payload.webhook, "status": status, "attempt": 0})
 
 
 def alpha_label(alpha: float) -> str:
@@ -82,7 +98,8 @@ class JobPayload:
     height: int = 0
     submitted_at: float = field(default_factory=time.time)
     deadline: float = 0.0  # unix time after which a job not yet started is expired
-    owner: str | None = None
+    owner: str | None = None  # the API key's name that created the job (None: open API)
+    webhook: str | None = None  # URL told when the job ends (checked by the gateway)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

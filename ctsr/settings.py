@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     rate_limit_per_min: int = Field(0, ge=0)  # uploads per key (or client address) a minute; 0: off
     metrics_need_key: bool = False  # put /metrics behind the API keys too
     cors_origins: list[str] = []  # browser origins allowed to call the API ("*": any)
+    webhook_secret: str | None = None  # HMAC-SHA256 key signing webhook bodies; unset: webhooks refused
+    webhook_allow_hosts: list[str] = []  # hosts allowed even if they resolve to private addresses
+    webhook_allow_private: bool = False  # allow loopback/private/link-local targets (trusted networks only)
+    webhook_attempts: int = Field(5, ge=1)  # deliveries tried per job, with exponential back-off
+    webhook_timeout_s: float = Field(5.0, gt=0)
 
     @field_validator("api_keys")
     @classmethod

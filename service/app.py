@@ -41,6 +41,7 @@ from .access import API_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, caller_id
 from .errors import APIError, api_error_handler
 from .metrics import GatewayMetrics
 from .uploads import BodyTooLarge, check_image, limited_receive, parse_alpha, parse_options
+from .webhooks import Deliverer, check_url, delivery_task
 
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields around the image
 HTML_PAGES = ("/docs", "/redoc")  # they load scripts and styles; every other response gets API_CSP
@@ -60,6 +61,11 @@ UPLOAD_SCHEMA = {
                         "format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "png"},
                         "quality": {"type": "integer", "minimum": 1, "maximum": 100, "default": 90},
                         "color_fix": {"type": "string", "enum": ["wavelet", "adain", "none"], "default": "wavelet"},
+                        "webhook": {
+                            "type": "string",
+                            "format": "uri",
+                            "description": "POSTed (signed) when the job ends",
+                        },
                     },
                 }
             }
@@ -79,7 +85,9 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     metrics = GatewayMetrics(queue)
     # `Prefer: wait` requests block in BLPOP; the default executor (cores + 4 threads) is too small
     waiters = ThreadPoolExecutor(max_workers=settings.max_waiters, thread_name_prefix="ctsr-wait")
+    deliverer = Deliverer(redis, settings) if settings.webhook_secret else None
     app = FastAPI(
+        lifespan=lambda _: delivery_task(deliverer),
         title="CTSR super-resolution",
         version="0.1.0",
         description="Upload an image with `alpha` in [0, 1] (0 = realness, 1 = fidelity); poll the job; "
@@ -142,7 +150,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             job = Job.fetch(job_id, connection=redis)
         except NoSuchJobError:
             job = None
-        if job is None or (keys.enabled and job.meta.get("owner") != owner):
+        if job is None or (keys.enabled and JobPayload.from_dict(job.args[0]).owner != owner):
             raise APIError(404, "unknown_job", "no such job (or it has expired and been removed)")
         return job
 
@@ -225,6 +233,13 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         if upload is None or isinstance(upload, str):
             raise APIError(400, "missing_image", "send the image as a file in the multipart field 'image'")
         options = parse_options(form, settings)
+        webhook = form.get("webhook") or None
+        if webhook is not None:
+            if not isinstance(webhook, str):
+                raise APIError(400, "invalid_webhook", "webhook must be a URL string")
+            if not settings.webhook_secret:
+                raise APIError(400, "webhooks_disabled", "this service has no webhook secret configured")
+            await asyncio.get_running_loop().run_in_executor(None, check_url, webhook, settings)
         data = await upload.read()
         width, height = check_image(data, settings)
         if queue.count >= settings.max_queue_depth:
@@ -233,7 +248,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         now = time.time()
         payload = JobPayload(
             job_id, options.alphas, options.format, options.quality, options.color_fix, width, height,
-            submitted_at=now, deadline=now + settings.max_queue_wait_s,
+            submitted_at=now, deadline=now + settings.max_queue_wait_s, owner=owner, webhook=webhook,
         )  # fmt: skip
         ttl = settings.result_ttl_s
         store.put(input_key(job_id), data, ttl)
@@ -246,7 +261,6 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             failure_ttl=ttl,
             retry=Retry(max=settings.job_retries) if settings.job_retries else None,
             description=f"upscale {width}x{height} alphas={','.join(map(alpha_label, options.alphas))}",
-            meta={"owner": owner},
         )
         metrics.submitted.inc()
         body = {"id": job_id, "status": "queued", "urls": urls(job_id)}
@@ -337,6 +351,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.settings, app.state.redis, app.state.queue = settings, redis, queue
+    app.state.deliverer = deliverer
     return app
 
 

@@ -30,6 +30,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from ctsr.blobs import BlobStore, FileBlobStore
 from ctsr.contract import (
+    WEBHOOK_QUEUE_KEY,
     JobExpired,
     JobPayload,
     cancel_job,
@@ -38,6 +39,7 @@ from ctsr.contract import (
     input_key,
     progress_key,
     ready_key,
+    webhook_record,
 )
 from ctsr.settings import Settings
 from models.errors import CTSRError
@@ -231,10 +233,14 @@ class BatchWorker(SimpleWorker):
         self._announce(job)
 
     def _announce(self, job: Job) -> None:
-        """Wake gateways waiting on this job (``Prefer: wait``)."""
+        """Wake gateways waiting on this job (``Prefer: wait``) and queue its webhook, if any."""
+        status = job.get_status(refresh=False) or ""
         with self.connection.pipeline() as pipe:
-            pipe.rpush(done_key(job.id), job.get_status(refresh=False) or "")
+            pipe.rpush(done_key(job.id), status)
             pipe.expire(done_key(job.id), 120)
+            record = webhook_record(JobPayload.from_dict(job.args[0]), getattr(status, "value", status))
+            if record is not None:
+                pipe.rpush(WEBHOOK_QUEUE_KEY, record)
             pipe.execute()
 
     def _cancel(self, job: Job, execution: Any, outcome: Any) -> None:
