@@ -57,7 +57,7 @@ def test_without_keys_the_api_is_open(client: Client) -> None:
         {"Authorization": "Basic YTpi"},
         {"Authorization": "Bearer ctsr_wrong"},
         {"Authorization": f"Bearer {hash_key(ALICE)}"},
-    ],  # fmt: skip
+    ],
     ids=["none", "empty", "basic", "unknown", "the-hash-itself"],
 )
 def test_keys_are_required_when_configured(client: Client, redis: Any, headers: dict[str, str]) -> None:
