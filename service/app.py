@@ -13,8 +13,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
-from rq import Queue, Retry
+from redis.retry import Retry
+from rq import Queue
+from rq import Retry as JobRetry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from starlette.formparsers import MultiPartException
@@ -79,7 +82,12 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     if redis is None:
         if not settings.redis_url:
             raise RuntimeError("set CTSR_REDIS_URL (or use `ctsr serve` for the embedded stack)")
-        redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        # Two quick retries ride out a blip; an outage answers 503 in well under a second
+        # (redis-py's default back-off would hold every request for seconds first).
+        redis = Redis.from_url(
+            settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
+        )  # fmt: skip
     queue = Queue(settings.queue, connection=redis)
     store = open_blob_store(settings.blob_store, redis, settings.blob_dir)
     metrics = GatewayMetrics(queue)
@@ -259,7 +267,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             job_timeout=settings.job_timeout_s,
             result_ttl=ttl,
             failure_ttl=ttl,
-            retry=Retry(max=settings.job_retries) if settings.job_retries else None,
+            retry=JobRetry(max=settings.job_retries) if settings.job_retries else None,
             description=f"upscale {width}x{height} alphas={','.join(map(alpha_label, options.alphas))}",
         )
         metrics.submitted.inc()
