@@ -20,6 +20,7 @@ from rq import Queue
 from rq import Retry as JobRetry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ctsr.blobs import open_blob_store
@@ -41,7 +42,7 @@ from ctsr.contract import (
 from ctsr.settings import Settings
 
 from .access import API_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, caller_id
-from .errors import APIError, api_error_handler
+from .errors import APIError, api_error_handler, http_error_handler
 from .metrics import GatewayMetrics
 from .uploads import BodyTooLarge, check_image, limited_receive, parse_alpha, parse_options
 from .webhooks import Deliverer, check_url, delivery_task
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         "download the ×4 result.",
     )
     app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)  # 404/405 in the same JSON shape
     keys = KeyRing(settings.api_keys)
     limiter = RateLimiter(redis, settings.rate_limit_per_min)
     if settings.cors_origins:
@@ -223,9 +225,11 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             raise APIError(
                 413, "upload_too_large", f"uploads are limited to {settings.max_upload_bytes} bytes"
             ) from None
-        except (MultiPartException, AssertionError, ValueError) as exc:
+        except (MultiPartException, StarletteHTTPException, AssertionError, ValueError) as exc:
+            # Starlette turns multipart parse errors into its HTTPException when an app is in scope
             metrics.rejected.labels("malformed_form").inc()
-            raise APIError(400, "malformed_form", f"expected multipart/form-data ({str(exc)[:80]})") from None
+            detail = str(getattr(exc, "detail", exc))[:80]
+            raise APIError(400, "malformed_form", f"expected multipart/form-data ({detail})") from None
         try:
             response = await _accept(request, form, owner)
             response.headers.update(rate_headers)

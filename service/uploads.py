@@ -64,7 +64,7 @@ def parse_alpha(raw: Any) -> float:
         raise APIError(422, "invalid_alpha", f"alpha must be a number in [0, 1], got {str(raw)[:32]!r}") from None
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise APIError(422, "invalid_alpha", f"alpha must be in [0, 1], got {str(raw)[:32]}")
-    return value
+    return value + 0.0  # -0.0 → 0.0: "-0" would otherwise get its own label ("-0") next to "0"
 
 
 def parse_options(form: Any, settings: Settings) -> UpscaleOptions:
@@ -92,9 +92,18 @@ def parse_options(form: Any, settings: Settings) -> UpscaleOptions:
     return UpscaleOptions(alphas, fmt, quality, color_fix)
 
 
+def _orientation(exif: bytes | None) -> int:
+    """The EXIF orientation tag in raw EXIF bytes (1 when absent)."""
+    if not exif:
+        return 1
+    parsed = Image.Exif()
+    parsed.load(exif)
+    return parsed.get(0x0112, 1)
+
+
 def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
-    """(width, height) (after EXIF orientation, except for PNG whose EXIF would need a full
-    decode), or an :class:`APIError` saying what is wrong."""
+    """(width, height) as the worker will see them (after EXIF orientation), or an
+    :class:`APIError` saying what is wrong. Reads headers only; never decodes pixels."""
     if not data:
         raise APIError(400, "empty_image", "the image field is empty")
     if len(data) > settings.max_upload_bytes:
@@ -103,16 +112,24 @@ def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                fmt, (width, height) = img.format, img.size
-                if fmt in ("PNG", "GIF"):
+                fmt, (width, height) = img.format, img.size  # TIFF: Pillow's size is already oriented
+                orientation = 1
+                if fmt == "PNG":
+                    orientation = _orientation(img.info.get("exif"))  # an eXIf chunk before IDAT, read by open
                     img.verify()  # chunk CRCs, without decoding pixels (must come right after open)
-                elif img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # JPEG/TIFF/WebP: header only
+                elif fmt in ("JPEG", "MPO", "WEBP"):
+                    orientation = img.getexif().get(0x0112, 1)  # header only
+                if fmt in ("JPEG", "MPO") and data.rfind(b"\xff\xd9", img.fp.tell()) < 0:
+                    # open stops at the first scan; without an end-of-image marker after it the
+                    # file was cut short, and the worker's decoder refuses it
+                    raise ValueError("no end-of-image marker: truncated JPEG")
+                if orientation in (5, 6, 7, 8):
                     width, height = height, width
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise APIError(413, "image_too_large", "image declares more pixels than the decompression limit") from None
     except UnidentifiedImageError:
         raise APIError(415, "unsupported_image", "not an image in a supported format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # Pillow raises more than OSError on hostile headers (IndexError, struct.error...)
         raise APIError(422, "corrupt_image", f"the image cannot be read ({str(exc)[:80]})") from None
     if fmt not in ALLOWED_FORMATS:
         raise APIError(415, "unsupported_image", f"{fmt} images are not accepted")

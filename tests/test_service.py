@@ -621,7 +621,7 @@ def test_jobs_share_forward_passes_and_match_solo_runs(stack: Stack) -> None:
 # -- 8. RQ bookkeeping -------------------------------------------------------------------------------------
 def test_rq_bookkeeping_and_a_failed_job(stack: Stack) -> None:
     good = [stack.accepted(VALID, alphas=(0.0, 1.0)), stack.accepted(jpeg(40, 33), alphas=(0.5,))]
-    broken = truncated(photo_bytes(), 0.4)  # a JPEG cut after its header: the gateway cannot tell
+    broken = truncated(encode(photo(), "GIF"), 0.5)  # a GIF cut in its pixel data: the gateway reads headers only
     bad = stack.accepted(broken)
     assert stack.queue.count == 3
     worker = stack.run_worker()
@@ -761,7 +761,7 @@ def test_prefer_wait_returns_the_result(stack: Stack) -> None:
 
 
 def test_prefer_wait_reports_a_failed_job(stack: Stack) -> None:
-    broken = truncated(photo_bytes(), 0.4)  # passes the gateway, fails in the worker
+    broken = truncated(encode(photo(), "GIF"), 0.5)  # passes the gateway (headers only), fails in the worker
     thread, replies = _submit_in_background(stack, data=broken, alphas=(0.5,), headers={"Prefer": "wait=20"})
     wait_for(lambda: stack.queue.count == 1, timeout=10, what="the job to be queued")
     stack.run_worker()
