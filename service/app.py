@@ -44,6 +44,7 @@ from ctsr.settings import Settings
 from .access import API_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, caller_id
 from .errors import APIError, api_error_handler, http_error_handler
 from .metrics import GatewayMetrics
+from .schemas import PREFER_PARAMETER, ROUTE_RESPONSES
 from .uploads import BodyTooLarge, check_image, limited_receive, parse_alpha, parse_options
 from .webhooks import Deliverer, check_url, delivery_task
 
@@ -52,6 +53,7 @@ HTML_PAGES = ("/docs", "/redoc")  # they load scripts and styles; every other re
 log = logging.getLogger("ctsr.gateway")
 
 UPLOAD_SCHEMA = {
+    "parameters": [PREFER_PARAMETER],
     "requestBody": {
         "required": True,
         "content": {
@@ -74,7 +76,7 @@ UPLOAD_SCHEMA = {
                 }
             }
         },
-    }
+    },
 }
 
 
@@ -207,7 +209,13 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         store.delete(input_key(job.id))
         redis.set(expired_key(job.id), "1", ex=settings.result_ttl_s)
 
-    @app.post("/upscale", status_code=202, openapi_extra=UPLOAD_SCHEMA, summary="Queue an image for ×4 upscaling")
+    @app.post(
+        "/upscale",
+        status_code=202,
+        openapi_extra=UPLOAD_SCHEMA,
+        summary="Queue an image for ×4 upscaling",
+        responses=ROUTE_RESPONSES["POST /upscale"],
+    )
     async def upscale(request: Request) -> Response:
         owner = keys.identify(request)
         rate_headers = limiter.hit(caller_id(request, owner))  # before reading the body
@@ -309,12 +317,17 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             raise APIError(410, "expired", "the result has expired")
         return Response(data, media_type=result["content_type"], headers={"X-CTSR-Alpha": label})
 
-    @app.get("/jobs/{job_id}", summary="Job status")
+    @app.get("/jobs/{job_id}", summary="Job status", responses=ROUTE_RESPONSES["GET /jobs/{job_id}"])
     def get_job(job_id: str, request: Request) -> JSONResponse:
         job = fetch(job_id, request)
         return JSONResponse(describe(job))
 
-    @app.get("/jobs/{job_id}/result", summary="The upscaled image (`alpha` picks a sweep member)")
+    @app.get(
+        "/jobs/{job_id}/result",
+        summary="The upscaled image (`alpha` picks a sweep member)",
+        response_class=Response,  # no JSON default: 200 is an image, errors stay JSON
+        responses=ROUTE_RESPONSES["GET /jobs/{job_id}/result"],
+    )
     def get_result(
         job_id: str, request: Request, alpha: str | None = Query(None, description="a sweep member, in [0, 1]")
     ) -> Response:
@@ -326,7 +339,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             raise APIError(409, "not_finished", f"the job is {status}")
         return _result_response(job, None if alpha is None else parse_alpha(alpha))
 
-    @app.delete("/jobs/{job_id}", summary="Cancel a job")
+    @app.delete("/jobs/{job_id}", summary="Cancel a job", responses=ROUTE_RESPONSES["DELETE /jobs/{job_id}"])
     def delete_job(job_id: str, request: Request) -> JSONResponse:
         job = fetch(job_id, request)
         status = job.get_status(refresh=False)
@@ -341,11 +354,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             return JSONResponse({"id": job.id, "status": "canceled"})
         raise APIError(409, "already_finished", f"the job is already {status.value if status else 'gone'}")
 
-    @app.get("/livez", summary="The process is up")
+    @app.get("/livez", summary="The process is up", responses=ROUTE_RESPONSES["GET /livez"])
     def livez() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Redis answers and a warmed-up worker heart-beats")
+    @app.get(
+        "/readyz",
+        summary="Redis answers and a warmed-up worker heart-beats",
+        responses=ROUTE_RESPONSES["GET /readyz"],
+    )
     def readyz() -> JSONResponse:
         try:
             redis.ping()
@@ -356,7 +373,12 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return JSONResponse({"status": "ok" if ready else "no_workers", "redis": True, "workers": workers},
                             status_code=200 if ready else 503)  # fmt: skip
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,  # no JSON default: 200 is text/plain, errors stay JSON
+        responses=ROUTE_RESPONSES["GET /metrics"],
+    )
     def prometheus(request: Request) -> Response:
         if settings.metrics_need_key:
             keys.identify(request)
