@@ -264,6 +264,7 @@ def test_a_job_survives_its_worker_being_killed(
     samples = parse_metrics(scrape)
     assert samples[("ctsr_worker_model_ready", ())] == 1
     assert samples[("ctsr_worker_jobs_total", (("outcome", "finished"),))] == 1
+    assert samples[("ctsr_worker_jobs_retried_total", ())] == 1  # the abandoned run is counted
     assert samples[("ctsr_worker_batch_jobs_count", ())] == 1
     assert samples[("ctsr_worker_tiles_total", ())] > 8
     assert job_id not in scrape

@@ -27,6 +27,9 @@ class WorkerMetrics:
         )
         self.oom_retries = Counter("ctsr_worker_oom_retries", "Tile batches split after out-of-memory", registry=r)
         self.jobs = Counter("ctsr_worker_jobs", "Jobs by outcome", ["outcome"], registry=r)
+        self.jobs_retried = Counter(
+            "ctsr_worker_jobs_retried", "Jobs started again after an abandoned (dead worker) or failed run", registry=r
+        )
         self.model_ready = Gauge("ctsr_worker_model_ready", "1 once the model is loaded and warm", registry=r)
         self.device_memory = Gauge(
             "ctsr_worker_device_memory_bytes", "Device memory allocated by the model process", registry=r

@@ -159,6 +159,8 @@ class BatchWorker(SimpleWorker):
     def execute_batch(self, pulled: list[tuple[Job, Queue]]) -> int:
         running = []
         for job, queue in pulled:
+            if job.retries_left is not None and job.retries_left < self.settings.job_retries:
+                self.metrics.jobs_retried.inc()  # its earlier run was abandoned (worker died) or failed
             execution = self.prepare_execution(job)
             self.prepare_job_execution(job, remove_from_intermediate_queue=True)
             job.started_at = now()
