@@ -255,3 +255,19 @@ def test_config_files_are_valid_and_errors_are_clear(tmp_path: Path) -> None:
         TrainConfig(stage="stage2", pairs="p", output="o", init="x")
     with pytest.raises(ConfigError, match="unknown stage"):
         TrainConfig(stage="stage3", pairs="p", output="o", init="x")
+
+
+def test_fidelity_teacher_shards_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.teachers.fidelity import FidelityTeacher, weight_files, weights_digest
+
+    teacher = FidelityTeacher({"num_feat": 8, "num_block": 2, "num_grow_ch": 4})
+    monkeypatch.setattr("models.teachers.fidelity.MAX_SHARD_BYTES", 20_000)
+    teacher.save_pretrained(tmp_path / "t")
+    files = weight_files(tmp_path / "t")
+    assert len(files) > 2 and all(f.stat().st_size < 40_000 for f in files)
+    loaded = FidelityTeacher.from_pretrained(tmp_path / "t")
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), loaded.state_dict().values(), strict=True))
+    assert len(weights_digest(tmp_path / "t")) == 12  # cache keys hash every shard
+    monkeypatch.setattr("models.teachers.fidelity.MAX_SHARD_BYTES", 10**9)
+    teacher.save_pretrained(tmp_path / "t")  # re-saved as one file: the shards are gone
+    assert [f.name for f in weight_files(tmp_path / "t")] == ["model.safetensors"]

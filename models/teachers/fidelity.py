@@ -21,6 +21,15 @@ from ..errors import CheckpointError
 from .rrdbnet import RRDBNet
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+#: Weights are split into files of at most this many bytes (the fp16 RRDBNet is 33 MB; git hosts
+#: and the repository's own rule dislike single files over 25 MB).
+MAX_SHARD_BYTES = 20 * 2**20
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """``model.safetensors``, or its shards ``model-00001-of-0000N.safetensors`` in order."""
+    single = folder / WEIGHTS_NAME
+    return [single] if single.is_file() else sorted(folder.glob("model-*-of-*.safetensors"))
 
 
 class FidelityTeacher(nn.Module):
@@ -49,7 +58,21 @@ class FidelityTeacher(nn.Module):
 
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.net.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME))
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            size += nbytes
+        for old in weight_files(folder):
+            old.unlink()
+        if len(shards) == 1:
+            save_file(shards[0], str(folder / WEIGHTS_NAME))
+        for i, shard in enumerate(shards if len(shards) > 1 else [], 1):
+            save_file(shard, str(folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"))
         config = {"kind": "teacher", "name": "fidelity-rrdbnet", "options": self.options, "provenance": self.provenance}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return folder
@@ -60,7 +83,10 @@ class FidelityTeacher(nn.Module):
 
         try:
             config = json.loads((folder / CONFIG_NAME).read_text())
-            state = load_file(str(folder / WEIGHTS_NAME))
+            files = weight_files(folder)
+            if not files:
+                raise FileNotFoundError(f"no {WEIGHTS_NAME} or model-*-of-*.safetensors")
+            state = {k: v for f in files for k, v in load_file(str(f)).items()}
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{folder}: not a fidelity teacher checkpoint ({exc})") from None
         if config.get("kind") != "teacher":
@@ -75,10 +101,13 @@ class FidelityTeacher(nn.Module):
 
 
 def weights_digest(folder: Path) -> str:
-    try:
-        return hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()[:12]
-    except OSError as exc:
-        raise CheckpointError(f"{folder}: not a fidelity teacher checkpoint ({exc})") from None
+    digest = hashlib.sha256()
+    files = weight_files(folder)
+    if not files:
+        raise CheckpointError(f"{folder}: not a fidelity teacher checkpoint (no weights)")
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class FidelityTeacherAdapter:
