@@ -266,7 +266,8 @@ def test_fidelity_teacher_shards_round_trip(tmp_path: Path, monkeypatch: pytest.
     files = weight_files(tmp_path / "t")
     assert len(files) > 2 and all(f.stat().st_size < 40_000 for f in files)
     loaded = FidelityTeacher.from_pretrained(tmp_path / "t")
-    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), loaded.state_dict().values(), strict=True))
+    pairs = zip(teacher.state_dict().values(), loaded.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert len(weights_digest(tmp_path / "t")) == 12  # cache keys hash every shard
     monkeypatch.setattr("models.teachers.fidelity.MAX_SHARD_BYTES", 10**9)
     teacher.save_pretrained(tmp_path / "t")  # re-saved as one file: the shards are gone
