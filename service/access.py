@@ -29,6 +29,11 @@ SECURITY_HEADERS = {
 }
 #: API responses (JSON, images) need no scripts, styles or frames; the HTML pages (docs) keep theirs.
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
+#: The web page (``GET /`` and ``/static/*``): its own files only, result images as blob: URLs.
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'"
+)
 
 
 def hash_key(key: str) -> str:

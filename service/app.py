@@ -6,11 +6,13 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 from redis.backoff import ExponentialBackoff
@@ -41,7 +43,7 @@ from ctsr.contract import (
 )
 from ctsr.settings import Settings
 
-from .access import API_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, caller_id
+from .access import API_CSP, PAGE_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, caller_id
 from .errors import APIError, api_error_handler, http_error_handler
 from .metrics import GatewayMetrics
 from .schemas import PREFER_PARAMETER, ROUTE_RESPONSES
@@ -50,6 +52,7 @@ from .webhooks import Deliverer, check_url, delivery_task
 
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields around the image
 HTML_PAGES = ("/docs", "/redoc")  # they load scripts and styles; every other response gets API_CSP
+STATIC = Path(__file__).resolve().parent / "static"  # the web page: plain HTML, CSS and JS, no build step
 log = logging.getLogger("ctsr.gateway")
 
 UPLOAD_SCHEMA = {
@@ -146,7 +149,9 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         metrics.requests.labels(request.method, path, str(response.status_code)).inc()
         metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
         response.headers.update(SECURITY_HEADERS)
-        if not request.url.path.startswith(HTML_PAGES):
+        if request.url.path == "/" or request.url.path.startswith("/static/"):
+            response.headers["Content-Security-Policy"] = PAGE_CSP
+        elif not request.url.path.startswith(HTML_PAGES):
             response.headers["Content-Security-Policy"] = API_CSP
         return response
 
@@ -383,6 +388,12 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         if settings.metrics_need_key:
             keys.identify(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    def web_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     app.state.settings, app.state.redis, app.state.queue = settings, redis, queue
     app.state.deliverer = deliverer
