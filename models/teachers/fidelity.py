@@ -1,10 +1,10 @@
 """The fidelity teacher: an RRDBNet trained here with L1 on the same degradations (PSNR-oriented).
 
 Stored like a student checkpoint: ``config.json`` (``kind: teacher``, the network's options and
-provenance) + ``model.safetensors``. Training starts from Real-ESRGAN's weights by default: the
-GAN model already knows how to undo these degradations, and an L1 fine-tune turns it into a
-PSNR-oriented model much faster than training from scratch (Real-ESRGAN went the other way:
-RealESRNet with L1 first, then the GAN).
+provenance) + ``model.safetensors``, or shards ``model-0000i-of-0000N.safetensors``. Training
+starts from Real-ESRGAN's weights by default: the GAN model already knows how to undo these
+degradations, and an L1 fine-tune turns it into a PSNR-oriented model much faster than training
+from scratch (Real-ESRGAN went the other way: RealESRNet with L1 first, then the GAN).
 """
 
 from __future__ import annotations
