@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConfigError
+from ..pipeline import TileRunner, UpscaleJob, Upscaler
 from ..student import CTSRStudent
 from ..teachers.base import Teacher
 from . import report
@@ -55,9 +55,7 @@ def hr_image(path: Path, short_side: int, crop: int, scale: int) -> torch.Tensor
 def degrade_fixed(hr: torch.Tensor, scale: int, seed: int) -> torch.Tensor:
     from ..degradations import DegradationConfig, degrade
 
-    gen = torch.Generator().manual_seed(seed)
-    lr = degrade(hr[None], scale, gen, DegradationConfig())
-    return (lr * 255).round().clamp(0, 255) / 255
+    return degrade(hr[None], scale, torch.Generator().manual_seed(seed), DegradationConfig())  # 8-bit levels
 
 
 def to_array(image: torch.Tensor) -> np.ndarray:
@@ -75,14 +73,13 @@ def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.
     return out, time.perf_counter() - start
 
 
-def student_sweep(student: CTSRStudent, lr: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
-    """``[len(alphas), 3, H, W]``; pads to the family's size multiple and crops back."""
-    m = student.size_multiple
-    h, w = lr.shape[-2:]
-    ph, pw = (-h) % m, (-w) % m
-    x = F.pad(lr, (0, pw, 0, ph), mode="replicate") if ph or pw else lr
-    out = student.sweep(x, alphas)[:, 0]
-    return out[..., : h * student.scale, : w * student.scale].clamp(0, 1)
+def student_sweep(
+    student: CTSRStudent, lr: torch.Tensor, alphas: Sequence[float], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``[len(alphas), 3, H*s, W*s]`` through the serving pipeline (the whole image as one tile, no
+    colour fix): the scores are those of what ``ctsr upscale --tile 0 --color-fix none`` writes."""
+    upscaler = Upscaler(TileRunner(student, device, "fp32"), tile=0, max_batch=1)
+    return upscaler.run([UpscaleJob(lr[0].cpu(), tuple(alphas), "none")])[0].clamp(0, 1)
 
 
 def evaluate(
@@ -106,7 +103,7 @@ def evaluate(
         hr = hr_image(path, short_side, crop, s)
         lr = degrade_fixed(hr, s, seed + i).to(device)
         ref = to_array(hr)
-        sweep, t_student = _timed(lambda lr=lr: student_sweep(student, lr, alphas), device)
+        sweep, t_student = _timed(lambda lr=lr: student_sweep(student, lr, alphas, device), device)
         t_real, t_r = _timed(lambda lr=lr: realness(lr)[0], device)
         t_fid, t_f = _timed(lambda lr=lr: fidelity(lr)[0], device)
         lr_img = Image.fromarray(to_array(lr[0]))
