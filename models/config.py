@@ -81,6 +81,17 @@ class StudentConfig:
         return cls.from_dict(data, source=str(path))
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold one object; anything else is a one-line ConfigError."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
 def parse_arch(config_cls: type[C], arch: dict[str, Any], family: str) -> C:
     """Build a family's typed hyper-parameter dataclass, rejecting unknown keys by name."""
     names = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]

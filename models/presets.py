@@ -6,10 +6,9 @@ classes at reduced width for tests; ``compact-x4`` is the CPU-sized family.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .config import StudentConfig
+from .config import StudentConfig, read_json_object
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -31,12 +30,7 @@ def load_preset(name_or_path: str) -> StudentConfig:
         path = CONFIG_DIR / f"{name_or_path}.json"
         if not path.is_file():
             raise ConfigError(f"unknown preset {name_or_path!r} (known: {', '.join(preset_names())})")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable config ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    data = read_json_object(path, "config")
     data.setdefault("format_version", 1)
     return StudentConfig.from_dict(data, source=str(path))
 

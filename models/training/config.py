@@ -7,11 +7,11 @@ Relative paths in a config resolve against the current directory; ``ctsr train``
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import read_json_object
 from ..errors import ConfigError
 
 STAGES = ("fidelity_teacher", "stage1", "stage2")
@@ -90,12 +90,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path, **overrides: Any) -> TrainConfig:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: unreadable training config ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        data = read_json_object(path, "training config")
         data.update({k: v for k, v in overrides.items() if v is not None})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - {"comment"})
