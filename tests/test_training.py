@@ -127,7 +127,7 @@ def test_teacher_outputs_are_cached_per_teacher_and_pairs(pairs: PairSet) -> Non
     assert teacher.calls == 3 and first.shape == pairs.hr.shape and cache_path(pairs, teacher.name).is_file()
     again = teacher_outputs(pairs, teacher.name, lambda: pytest.fail("recomputed"), torch.device("cpu"))
     assert torch.equal(first, again)
-    stale = PairSet(pairs.folder, pairs.hr, pairs.lr, pairs.spec, "another-fingerprint")
+    stale = PairSet(pairs.folder, pairs.hr, pairs.lr, pairs.spec, "another-fingerprint", pairs.photos)
     teacher_outputs(stale, teacher.name, lambda: teacher, torch.device("cpu"), batch=12)
     assert teacher.calls == 4
 

@@ -151,6 +151,7 @@ class PairSet:
     lr: torch.Tensor
     spec: PairSpec
     fingerprint: str
+    photos: int  # how many photos the crops came from
 
     @classmethod
     def load(cls, folder: Path) -> PairSet:
@@ -160,10 +161,10 @@ class PairSet:
         if not spec_path.is_file() or not tensors_path.is_file():
             raise ConfigError(f"{folder}: not a pairs folder (run `ctsr data pairs`)")
         meta_text = spec_path.read_text()
-        spec = PairSpec(**json.loads(meta_text)["spec"])
+        meta = json.loads(meta_text)
         tensors = load_file(str(tensors_path))
         fingerprint = hashlib.sha256(meta_text.encode()).hexdigest()[:16]
-        return cls(folder, tensors["hr"], tensors["lr"], spec, fingerprint)
+        return cls(folder, tensors["hr"], tensors["lr"], PairSpec(**meta["spec"]), fingerprint, len(meta["photos"]))
 
     def __len__(self) -> int:
         return self.hr.shape[0]

@@ -163,8 +163,7 @@ class Trainer:
     def _provenance(self) -> dict[str, Any]:
         # Keyed by stage, so a stage-2 checkpoint still records how its stage-1 start was trained.
         record = {"steps": self.step, "seconds": round(self.elapsed, 1), "device": str(self.device),
-                  "pairs": self.pairs.fingerprint, "photos": len(json.loads(
-                      (self.pairs.folder / "pairs.json").read_text())["photos"])}  # fmt: skip
+                  "pairs": self.pairs.fingerprint, "photos": self.pairs.photos}  # fmt: skip
         return {f"trained_{self.config.stage}": record}
 
     def _checkpoint(self, optim: torch.optim.Optimizer) -> None:
