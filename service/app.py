@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     waiters = ThreadPoolExecutor(max_workers=settings.max_waiters, thread_name_prefix="ctsr-wait")
     deliverer = Deliverer(redis, settings) if settings.webhook_secret else None
     app = FastAPI(
-        lifespan=lambda _: delivery_task(deliverer),
+        lifespan=(lambda _: delivery_task(deliverer)) if deliverer else None,  # a delivery loop only with webhooks on
         title="CTSR super-resolution",
         version="0.1.0",
         description="Upload an image with `alpha` in [0, 1] (0 = realness, 1 = fidelity); poll the job; "

@@ -141,13 +141,12 @@ class Deliverer:
 
 
 @contextlib.asynccontextmanager
-async def delivery_task(deliverer: Deliverer | None) -> Any:
-    """Run the deliverer for the app's lifetime (nothing when webhooks are off)."""
-    task = asyncio.create_task(deliverer.run()) if deliverer else None
+async def delivery_task(deliverer: Deliverer) -> Any:
+    """Run the deliverer for the app's lifetime."""
+    task = asyncio.create_task(deliverer.run())
     try:
         yield
     finally:
-        if task:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
