@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale images or folders of images")
     up.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     up.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
-    up.add_argument("--model", type=Path, help="checkpoint folder (default: the bundled model)")
+    up.add_argument("--model", type=Path, help="checkpoint folder or bundled name: rrdb (default), compact (fast)")
     up.add_argument(
         "--alpha", type=_alpha, action="append", metavar="A",
         help="0 = realness end, 1 = fidelity end (default 0.5); repeat for a sweep",
@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--host", default=None, help="bind address (default CTSR_HOST or 127.0.0.1)")
             cmd.add_argument("--port", type=int, default=None, help="port (default CTSR_PORT or 8000)")
         if name != "gateway":
-            cmd.add_argument("--model", type=Path, help="checkpoint folder (default CTSR_MODEL, else bundled)")
+            cmd.add_argument(
+                "--model", type=Path, help="checkpoint folder or rrdb|compact (default CTSR_MODEL, else rrdb)"
+            )
         cmd.set_defaults(handler=cmd_service)
     key = sub.add_parser("key", help="API keys for the gateway")
     ksub = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
@@ -179,7 +181,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from models.errors import ConfigError
     from models.imaging import list_images, load_image, probe_image
     from models.pipeline import TileRunner, UpscaleJob, Upscaler, finish_images
-    from models.presets import default_model
+    from models.presets import resolve_model
 
     alphas = tuple(args.alpha or (DEFAULT_ALPHA,))
     if args.output.exists() and not args.output.is_dir():
@@ -188,7 +190,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     plan = _plan_outputs(files, alphas, args.output, args.overwrite)
     sizes = [probe_image(f, args.max_pixels) for f in files]  # fail before loading the model
     options = {"base_model": args.base} if args.base else {}
-    student = load_student(args.model or default_model(), **options)
+    student = load_student(resolve_model(args.model), **options)
     runner = TileRunner(student, args.device, args.dtype, compile=args.compile)
     upscaler = Upscaler(runner, tile=args.tile, overlap=args.overlap, max_batch=args.batch)
     tiles = [len(upscaler.grid(h, w)) for w, h in sizes]

@@ -37,16 +37,28 @@ def add_parsers(sub: Any, positive: Any, alpha: Any) -> None:
     train.add_argument("--device", help="override the device (auto, cpu, cuda)")
     train.set_defaults(handler=cmd_train)
 
-    ev = sub.add_parser("eval", help="PSNR/SSIM/NIQE of the student's alphas vs teachers, blends and bicubic")
+    ev = sub.add_parser("eval", help="PSNR/SSIM/NIQE of students' alphas vs teachers, their mixes and bicubic")
     ev.add_argument("photos", type=Path, metavar="PHOTOS", help="HR photos: files or folders (manifest: holdout)")
     ev.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="CSV, plot and images go here")
-    ev.add_argument("--model", type=Path, help="student checkpoint (default: the bundled model)")
+    ev.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        help="student checkpoint (default: the bundled model); repeat to compare several in one run",
+    )
     ev.add_argument("--fidelity-teacher", type=Path, help="fidelity teacher folder (default: the bundled one)")
     ev.add_argument("--realness-teacher", default="realesrgan")
     ev.add_argument("--alpha", type=alpha, action="append", metavar="A", help="default 0, .25, .5, .75, 1")
     ev.add_argument("--short-side", type=int, default=512, help="resize each photo to this short side (0: keep)")
     ev.add_argument("--crop", type=int, default=0, help="then take this centre crop (0: the whole photo)")
-    ev.add_argument("--seed", type=int, default=0, help="degradation seed")
+    ev.add_argument("--seed", type=int, default=0, help="first degradation seed")
+    ev.add_argument("--seeds", type=positive, default=2, help="degradation seeds per photo and level")
+    ev.add_argument(
+        "--level",
+        action="append",
+        metavar="LEVEL",
+        help="degradation level: realesrgan, mild, bicubic (repeat; default: all three)",
+    )
     ev.add_argument("--device", default="auto")
     ev.add_argument("--lpips-backbone", type=Path, help="VGG16 weights (torchvision format) to add LPIPS")
     ev.add_argument("--lpips-heads", type=Path, help="LPIPS linear-head weights (lpips package format)")

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         return {name: digest.lower() for name, digest in keys.items()}
 
     # -- worker ---------------------------------------------------------------------------------
-    model: Path | None = None  # checkpoint folder; default: the bundled model
+    model: Path | None = None  # checkpoint folder or bundled name (rrdb, compact); default: the bundled rrdb
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False

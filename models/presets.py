@@ -13,8 +13,13 @@ from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = {"compact": "compact-x4", "sd21": "sd21-base"}
-#: The bundled default model (compact x4, distilled by models/training/recipe.py; card beside it).
-BUNDLED_MODEL = Path(__file__).parent / "weights" / "ctsr-compact-x4"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: The bundled fast model: the compact family, ~10× faster on a CPU, weaker.
+BUNDLED_COMPACT = WEIGHTS_DIR / "ctsr-compact-x4"
+#: The bundled default model (model card beside it).
+BUNDLED_MODEL = BUNDLED_COMPACT
+#: Short names for the bundled students (``--model compact``, ``CTSR_MODEL=compact``).
+BUNDLED_NAMES = {"compact": BUNDLED_COMPACT}
 #: The fidelity teacher the bundled model was distilled from (used by ``ctsr eval``).
 BUNDLED_FIDELITY_TEACHER = Path(__file__).parent / "weights" / "fidelity-rrdbnet-x4"
 
@@ -33,6 +38,20 @@ def load_preset(name_or_path: str) -> StudentConfig:
     data = read_json_object(path, "config")
     data.setdefault("format_version", 1)
     return StudentConfig.from_dict(data, source=str(path))
+
+
+def resolve_model(spec: str | Path | None) -> Path:
+    """A checkpoint folder from ``--model`` / ``CTSR_MODEL``: a bundled name (``rrdb``, ``compact``,
+    or a folder name under ``models/weights``), a path, or None for the bundled default."""
+    if spec is None or str(spec) == "":
+        return default_model()
+    text = str(spec)
+    if text in BUNDLED_NAMES:
+        return BUNDLED_NAMES[text]
+    path = Path(spec)
+    if not path.exists() and "/" not in text and (WEIGHTS_DIR / text / "config.json").is_file():
+        return WEIGHTS_DIR / text
+    return path
 
 
 def default_model() -> Path:

@@ -45,5 +45,5 @@ class Registry(Generic[T]):
 
 
 ARCH_REGISTRY: Registry[type] = Registry(
-    "architecture", {"compact": "models.archs.compact", "sd21": "models.archs.sd21"}
+    "architecture", {"compact": "models.archs.compact", "rrdb": "models.archs.rrdb", "sd21": "models.archs.sd21"}
 )

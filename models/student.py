@@ -97,6 +97,19 @@ class CTSRStudent(nn.Module):
         return list(out.split([len(sample) for sample in alphas]))
 
     # -- training hooks (used by models.training) ------------------------------------------------
+    #: ``z0`` has the LR image's height and width, so stage 2 (whose encoder is frozen) can compute it
+    #: once per training pair and crop it like the LR image.
+    cacheable_latent: ClassVar[bool] = False
+
+    def encoder_cache(self, lr: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The frozen first part of :meth:`encode`, at LR resolution, which stage 1 may compute once
+        per training pair; None where stage 1 trains the whole encoder."""
+        return None
+
+    def encode_cached(self, cached: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`encode` resumed from (crops of) :meth:`encoder_cache`'s outputs."""
+        raise NotImplementedError(f"{self.family} has no encoder cache")
+
     def encode_target(self, image: torch.Tensor) -> torch.Tensor | None:
         """SR-sized image → the latent the decoder would need to draw it, where the family can say.
 

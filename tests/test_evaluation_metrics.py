@@ -318,10 +318,13 @@ ALPHAS = (0.0, 0.5, 1.0)
 
 
 def good_rows() -> list[Row]:
-    """Blend polyline (NIQE, PSNR): (4, 24) → (6, 26) → (8, 28); the student sits above it."""
+    """Blend polyline (NIQE, PSNR): (4, 24) → (6, 26) → (8, 28), network interpolation (4, 24) →
+    (5.5, 26.2) → (8, 28); the student sits above both."""
     rows = [Row(report.BLEND, a, 24 + 4 * a, 0.6 + 0.2 * a, 4 + 4 * a, None, None) for a in ALPHAS]
+    interp = zip(ALPHAS, (4, 5.5, 8), (24, 26.2, 28), strict=True)
+    rows += [Row(report.INTERPOLATION, a, p, 0.7, n, None, None) for a, n, p in interp]
     rows += [
-        Row(report.STUDENT, 0.0, 24.2, 0.62, 4.2, 0.20, 0.11),
+        Row(report.STUDENT, 0.0, 24.1, 0.62, 4.1, 0.20, 0.11),
         Row(report.STUDENT, 0.5, 26.6, 0.71, 5.0, 0.15, 0.11),
         Row(report.STUDENT, 1.0, 27.9, 0.80, 7.9, 0.10, 0.11),
         Row(report.REALNESS_TEACHER, None, 24.0, 0.60, 4.0, 0.21, 2.5),
@@ -339,34 +342,52 @@ def _replace(rows: list[Row], method: str, alpha: float | None, **changes: float
     return out
 
 
+def _tags(checks: list[report.TargetCheck], passed: bool | None = None) -> set[str]:
+    return {c.description.split()[0] for c in checks if passed is None or c.passed == passed}
+
+
 def test_targets_pass_on_good_rows() -> None:
     checks = report.check_targets(good_rows())
     assert all(c.passed for c in checks), checks
-    (a,) = [c for c in checks if c.description.startswith("(a)")]
-    assert a.value == pytest.approx(26.6 - 25.0)  # the blend polyline at NIQE 5 has PSNR 25
-    assert {c.description[:3] for c in checks} == {"(a)", "(b)", "(c)", "(d)"}
-    assert len([c for c in checks if c.description.startswith("(d)")]) == len(ALPHAS)
+    a, a_interp = (c.value for c in checks if c.description.startswith("(a"))
+    assert a == pytest.approx(26.6 - 25.0)  # the blend polyline at NIQE 5 has PSNR 25
+    assert a_interp == pytest.approx(26.6 - (24 + 2.2 * (5 - 4) / 1.5))  # interpolation at NIQE 5
+    assert _tags(checks) == {"(a)", "(a')", "(b)", "(c)", "(c')", "(e)"}
 
 
 @pytest.mark.parametrize(
     ("method", "alpha", "changes", "failed"),
     [
-        (report.STUDENT, 0.5, {"psnr": 24.8}, "(a)"),  # below the blend polyline at NIQE 5
-        (report.STUDENT, 0.5, {"niqe": 7.0, "psnr": 26.5}, "(a)"),  # the blend at α=0.5 is more real and better
-        (report.STUDENT, 1.0, {"psnr": 27.6}, "(b)"),
-        (report.STUDENT, 0.0, {"niqe": 4.4}, "(c)"),
-        (report.BICUBIC, None, {"psnr": 23.8}, "(d)"),
+        (report.STUDENT, 0.5, {"psnr": 24.8}, {"(a)", "(a')"}),  # below both polylines at NIQE 5
+        (report.STUDENT, 0.5, {"niqe": 7.0, "psnr": 26.5}, {"(a)", "(a')"}),  # the mixes are more real and better
+        (report.INTERPOLATION, 0.5, {"niqe": 5.0, "psnr": 26.7}, {"(a')"}),  # only interpolation beats it
+        (report.STUDENT, 1.0, {"psnr": 27.7}, {"(b)"}),
+        (report.STUDENT, 0.0, {"niqe": 4.3}, {"(c)"}),
+        (report.STUDENT, 0.0, {"psnr": 23.7}, {"(c')"}),
+        (report.STUDENT, 0.5, {"niqe": 4.05}, {"(e)"}),  # more real than alpha = 0: not monotone
     ],
 )
-def test_targets_fail_on_bad_rows(method: str, alpha: float | None, changes: dict, failed: str) -> None:
+def test_targets_fail_on_bad_rows(method: str, alpha: float | None, changes: dict, failed: set[str]) -> None:
     checks = report.check_targets(_replace(good_rows(), method, alpha, **changes))
-    assert {c.description[:3] for c in checks if not c.passed} == {failed}, checks
+    assert _tags(checks, passed=False) == failed, checks
+
+
+def test_targets_are_checked_per_student() -> None:
+    rows = good_rows() + [
+        Row(f"{report.STUDENT}:fast", r.alpha, r.psnr - 2, r.ssim, r.niqe, None, None)
+        for r in good_rows() if r.method == report.STUDENT
+    ]  # fmt: skip
+    rows = [Row(**{**r.__dict__, "method": f"{report.STUDENT}:main"}) if r.method == report.STUDENT else r
+            for r in rows]  # fmt: skip
+    checks = report.check_targets(rows)
+    assert all(c.passed for c in checks if "fast" not in c.description)
+    assert _tags([c for c in checks if "fast" in c.description], passed=False) == {"(a)", "(a')", "(b)", "(c')"}
 
 
 def test_targets_missing_rows_fail() -> None:
     rows = [r for r in good_rows() if r.method not in (report.FIDELITY_TEACHER, report.BLEND)]
     failed = [c for c in report.check_targets(rows) if not c.passed]
-    assert {c.description[:3] for c in failed} == {"(a)", "(b)"}
+    assert _tags(failed) == {"(a)", "(b)"}
     assert all(math.isnan(c.value) for c in failed)
 
 
@@ -382,3 +403,7 @@ def test_report_writes_csv_png_and_markdown(tmp_path: Path) -> None:
     assert "| student | 0.5 | 26.60 | 0.7100 | 5.000 | 0.1500 | 0.110 |" in table
     assert "| bicubic | – | 23.00 | 0.5500 | 9.500 | 0.4500 | – |" in table
     assert report.targets_markdown(report.check_targets(rows)).count("| pass |") == 6
+    levels = [Row(**{**r.__dict__, "level": level}) for level in ("realesrgan", "mild") for r in rows]
+    assert report.read_csv(report.write_csv(levels, tmp_path / "levels.csv")) == levels
+    with Image.open(report.plot_tradeoff(levels, tmp_path / "levels.png")) as img:
+        assert img.size[0] > 2 * 600  # one panel per level

@@ -1,4 +1,4 @@
-"""The student interface: per-sample alphas, sweeps that encode once, sd21 adapter fusing."""
+"""The student interface: per-sample alphas, sweeps that encode once, adapter merging (sd21, rrdb)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,23 @@ import math
 
 import pytest
 import torch
-from conftest import count_calls, make_compact, make_sd21, photo_crop
+from conftest import count_calls, make_compact, make_rrdb, make_sd21, perturb_lora, photo_crop
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 import models
 from models.presets import load_preset
 
-FAMILIES = ["compact", "sd21"]
-#: compact has no normalisation; sd21's GroupNorm/attention reductions depend a little on batch.
-TOL = {"compact": 1e-5, "sd21": 1e-4}
+FAMILIES = ["compact", "rrdb", "sd21"]
+#: compact and rrdb have no normalisation; sd21's GroupNorm/attention reductions depend a little on batch.
+TOL = {"compact": 1e-5, "rrdb": 1e-5, "sd21": 1e-4}
 
 
 def _student(family: str) -> models.CTSRStudent:
-    return make_compact() if family == "compact" else make_sd21()
+    return {"compact": make_compact, "rrdb": make_rrdb, "sd21": make_sd21}[family]()
 
 
 def _lr(family: str, batch: int) -> torch.Tensor:
-    w, h = (24, 20) if family == "compact" else (16, 12)
+    w, h = (16, 12) if family == "sd21" else (24, 20)
     return torch.stack([photo_crop(7 + 19 * i, 5 + 11 * i, w, h) for i in range(batch)])
 
 
@@ -180,3 +180,49 @@ def test_sd21_size_multiple_and_output_size() -> None:
     with torch.no_grad():
         out = student(photo_crop(0, 0, 13, 9)[None], 0.5)
     assert out.shape == (1, 3, 36, 52)
+
+
+# -- rrdb: the student on a pretrained prior ----------------------------------------------------
+def test_rrdb_untrained_velocity_leaves_alpha_without_effect() -> None:
+    """The velocity's last conv starts at zero: before stage 2, every alpha is the alpha = 0 output."""
+    student, lr = make_rrdb(velocity=False), _lr("rrdb", 2)
+    with torch.no_grad():
+        sweep = student.sweep(lr, [0.0, 0.5, 1.0])
+    assert torch.equal(sweep[0], sweep[1]) and torch.equal(sweep[0], sweep[2])
+
+
+def test_rrdb_untrained_adapters_are_the_prior_itself() -> None:
+    torch.manual_seed(0)
+    student = models.build_student(load_preset("rrdb-tiny")).eval()
+    lr = _lr("rrdb", 2)
+    with torch.no_grad():
+        prior_out = student.net(lr)  # the wrapped RRDBNet's own forward, adapters at zero
+        assert _max_diff(student(lr, 1.0), prior_out) <= 1e-6
+        perturb_lora(student)
+        assert _max_diff(student(lr, 0.0), prior_out) > 1e-3
+
+
+def test_rrdb_merged_matches_unmerged_and_shares_the_trunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    student, lr = make_rrdb(), _lr("rrdb", 2)
+    alphas = torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        unmerged = student(lr, alphas)
+        sweep = student.sweep(lr, [0.0, 0.5, 1.0])
+    assert _lora_layers(student.net) > 0
+    student.prepare_for_inference()
+    assert _lora_layers(student.net) == 0, "merging must remove every LoRA wrapper"
+    trunk = count_calls(monkeypatch, student.net.conv_first, "forward", lambda x: x.shape[0])
+    with torch.no_grad():
+        assert _max_diff(student(lr, alphas), unmerged) <= 1e-5
+        assert _max_diff(student.sweep(lr, [0.0, 0.5, 1.0]), sweep) <= 1e-5
+    assert trunk.calls == [2, 2]  # one trunk pass per call, whatever the number of alphas
+    with pytest.raises(models.ConfigError, match="merged"):
+        student.state_files()
+
+
+def test_rrdb_encoder_cache_resumes_encode_exactly() -> None:
+    student, lr = make_rrdb(), _lr("rrdb", 2)
+    with torch.no_grad():
+        cached = student.encoder_cache(lr)
+        assert set(cached) == {"feat", "trunk"} and cached["trunk"].shape[-2:] == lr.shape[-2:]
+        assert torch.equal(student.encode_cached(cached), student.encode(lr))

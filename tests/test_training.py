@@ -272,3 +272,108 @@ def test_fidelity_teacher_shards_round_trip(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr("models.teachers.fidelity.MAX_SHARD_BYTES", 10**9)
     teacher.save_pretrained(tmp_path / "t")  # re-saved as one file: the shards are gone
     assert [f.name for f in weight_files(tmp_path / "t")] == ["model.safetensors"]
+
+
+# -- rrdb: LoRA on a frozen prior, a critic, the whole alpha path ---------------------------------
+RRDB_GAN = {"adversarial": 0.05, "feature_matching": 1.0}
+
+
+def _rrdb_config(pairs: PairSet, output: Path, fidelity_teacher: Path, **kw: object) -> TrainConfig:
+    base = {"crop": 8, "lr": 2e-3, "fidelity_teacher": str(fidelity_teacher), "discriminator_features": 8}
+    return _config(pairs, output, **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def rrdb_stage1(pairs: PairSet, fidelity_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rrdb1")
+    loss = {"realness": 1.0, "fidelity": 0.1, **RRDB_GAN}
+    return train(_rrdb_config(pairs, out, fidelity_teacher, stage="stage1", init="rrdb-tiny", steps=40, loss=loss),
+                 progress=False)  # fmt: skip
+
+
+def _terms(output: Path, name: str) -> list[float]:
+    return [json.loads(line)["loss"][name] for line in (output / LOG_NAME).read_text().splitlines()]
+
+
+def test_rrdb_stage1_learns_with_a_critic_and_leaves_alpha_without_effect(pairs: PairSet, rrdb_stage1: Path) -> None:
+    from models import build_student, load_student
+    from models.presets import load_preset
+
+    torch.manual_seed(0)  # the trainer's seed: the same random prior and adapters it started from
+    start, student = build_student(load_preset("rrdb-tiny")).eval(), load_student(rrdb_stage1)
+    lr = pairs.lr.float() / 255
+    target = teacher_outputs(pairs, "realesrgan-x4plus", lambda: pytest.fail("not cached"), torch.device("cpu"))
+    with torch.no_grad():
+        before, after = ((m(lr, 0.0) - target.float() / 255).abs().mean() for m in (start, student))
+    assert after < before * 0.95, (before, after)  # rank-2 adapters pull a random prior towards the teacher
+    assert {"adversarial", "feature_matching", "critic"} <= set(json.loads(
+        (rrdb_stage1.parent / LOG_NAME).read_text().splitlines()[0])["loss"])  # fmt: skip
+    with torch.no_grad():  # stage 2 has not run: the zero-initialised velocity changes nothing
+        sweep = student.sweep(lr, [0.0, 0.5, 1.0])
+    assert torch.equal(sweep[0], sweep[1]) and torch.equal(sweep[0], sweep[2])
+    pairs_folder = Path(json.loads((rrdb_stage1.parent / "train_config.json").read_text())["pairs"])
+    assert len(list(pairs_folder.glob("inputs-rrdb-prefix-*.safetensors"))) == 1  # the frozen prior, once per pair
+
+
+def test_rrdb_stage2_learns_the_velocity_from_cached_inputs(
+    pairs: PairSet, fidelity_teacher: Path, rrdb_stage1: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models import load_student
+    from models.archs.rrdb import RRDBStudent
+
+    # z0 comes from the prefix cache stage 1 left: only the adapted blocks run, the prior's do not.
+    real = RRDBStudent.encoder_cache
+    monkeypatch.setattr(RRDBStudent, "encoder_cache", lambda *a: pytest.fail("prior recomputed"))
+    config = _rrdb_config(pairs, tmp_path / "s2", fidelity_teacher, stage="stage2", init=str(rrdb_stage1),
+                          steps=30, loss={"fidelity": 1.0, **RRDB_GAN}, alpha_ends=[0.0, 1.0])  # fmt: skip
+    s2 = train(config, progress=False)
+    monkeypatch.setattr(RRDBStudent, "encoder_cache", real)
+    fidelity = _terms(tmp_path / "s2", "fidelity")
+    assert fidelity[-1] < fidelity[0] * 0.9, fidelity
+    before, after = load_student(rrdb_stage1), load_student(s2)
+    lr = pairs.lr[:2].float() / 255
+    with torch.no_grad():  # the adapters and tail were frozen: alpha=0 is exactly stage 1's output
+        assert torch.equal(before(lr, 0.0), after(lr, 0.0))
+        assert not torch.allclose(after(lr, 0.0), after(lr, 1.0))
+
+
+def test_rrdb_alpha_path_sampling_and_weights(pairs: PairSet, fidelity_teacher: Path, rrdb_stage1: Path) -> None:
+    from models.training.stages import build_stage
+
+    stage = build_stage(_rrdb_config(pairs, Path("unused"), fidelity_teacher, stage="stage2", init=str(rrdb_stage1),
+                                     loss={"fidelity": 1.0}, alpha_ends=[0.1, 0.3]))  # fmt: skip
+    alphas = stage.sample_alphas(20000)  # type: ignore[attr-defined]
+    assert abs(float((alphas == 0).float().mean()) - 0.1) < 0.01
+    assert abs(float((alphas == 1).float().mean()) - 0.3) < 0.01
+    inner = alphas[(alphas > 0) & (alphas < 1)]
+    assert abs(float(inner.mean()) - 0.5) < 0.02  # the rest is uniform
+    with pytest.raises(ConfigError, match="alpha_ends"):
+        _rrdb_config(pairs, Path("x"), fidelity_teacher, stage="stage2", init="x", alpha_ends=[0.6, 0.6])
+
+
+def test_rrdb_resume_with_a_critic_is_exact(
+    pairs: PairSet, fidelity_teacher: Path, rrdb_stage1: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The critic, its optimiser and the alpha sampler are restored too: a resumed run ends bit-for-bit
+    where an uninterrupted one ends."""
+    from models import load_student
+    from models.training.trainer import Trainer
+
+    kw = {"stage": "stage2", "init": str(rrdb_stage1), "steps": 20, "loss": {"fidelity": 1.0, **RRDB_GAN}}
+    whole = train(_rrdb_config(pairs, tmp_path / "whole", fidelity_teacher, **kw), progress=False)
+    real_batch, calls = Trainer.batch, []
+
+    def crash_at_13(self: Trainer) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return real_batch(self)
+
+    monkeypatch.setattr(Trainer, "batch", crash_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train(_rrdb_config(pairs, tmp_path / "split", fidelity_teacher, **kw), progress=False)
+    monkeypatch.setattr(Trainer, "batch", real_batch)
+    resumed = train(_rrdb_config(pairs, tmp_path / "split", fidelity_teacher, **kw), resume=True, progress=False)
+    a, b = load_student(whole).state_dict(), load_student(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")

@@ -20,7 +20,7 @@ from ctsr.settings import Settings
 from models import load_student
 from models.imaging import LoadedImage, load_image
 from models.pipeline import TileRunner, UpscaleJob, Upscaler, finish_images
-from models.presets import default_model
+from models.presets import resolve_model
 
 
 @dataclass
@@ -33,7 +33,7 @@ class EncodedOutputs:
 class BatchEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        student = load_student(settings.model or default_model())
+        student = load_student(resolve_model(settings.model))
         self.runner = TileRunner(student, settings.device, settings.dtype, compile=settings.compile)
         self.upscaler = Upscaler(self.runner, tile=settings.tile, max_batch=settings.max_batch)
         self.forward_passes = 0

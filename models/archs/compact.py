@@ -49,6 +49,7 @@ class CompactArch:
 @ARCH_REGISTRY.register("compact")
 class CompactStudent(CTSRStudent):
     family = "compact"
+    cacheable_latent = True
 
     def __init__(self, config: StudentConfig) -> None:
         super().__init__(config)

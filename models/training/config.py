@@ -22,9 +22,14 @@ class LossWeights:
     """Stage 1: ``reconstruction·L1(SR, HR) + fidelity·L1(SR, T_f) + realness·L1(SR, T_r) + latent·MSE(z0, E(T_r))``
     (+ ``realness_spectrum``, below).
 
-    Stage 2 (velocity): ``fidelity·L1(D(z0+v), T_f) + reconstruction·L1(D(z0+v), HR) + latent·MSE(v, E(T_f)−z0)``,
-    plus ``realness·L1(D(z0), T_r)`` to hold the alpha=0 end when the decoder is trained too.
-    ``E`` is the family's image→latent encoder; the latent terms need one (sd21), compact has none.
+    Stage 2 (velocity) supervises the whole alpha path: every sample draws its own alpha (see
+    ``TrainConfig.alpha_ends``) and is decoded once, ``SR_a = D(z0 + a·v)``. The fidelity terms
+    ``fidelity·L1(SR_a, T_f) + reconstruction·L1(SR_a, HR)`` weigh ``a``; the realness terms that
+    are not pixel-aligned (spectrum, adversarial, feature matching) weigh ``1 − a``; the pixel term
+    ``realness·L1(SR_a, T_r)`` applies only at ``a = 0`` (it holds that end when the decoder trains
+    too). No term asks for the teachers' pixel blend: a student trained towards it can at best tie
+    it. ``latent·MSE(v, E(T_f)−z0)`` is the flow-matching term where the family has an image→latent
+    encoder ``E`` (sd21).
     """
 
     reconstruction: float = 0.0
@@ -35,6 +40,14 @@ class LossWeights:
     #: textured target rewards a blurred average; matching the spectrum asks for texture energy
     #: wherever it sits (stage 1, and stage 2's alpha=0 anchor).
     realness_spectrum: float = 0.0
+    #: Non-saturating GAN loss against a U-Net critic trained alongside (``discriminator.py``).
+    adversarial: float = 0.0
+    #: L1 between the critic's features of the SR and of the realness teacher's output: a learned
+    #: perceptual loss (VGG weights cannot be downloaded here).
+    feature_matching: float = 0.0
+
+    def uses_critic(self) -> bool:
+        return bool(self.adversarial or self.feature_matching)
 
 
 @dataclass
@@ -50,6 +63,11 @@ class TrainConfig:
     teacher_options: dict[str, Any] = field(default_factory=dict)  # fidelity_teacher: RRDBNet options
     loss: LossWeights = field(default_factory=LossWeights)
     train_decoder: bool = False  # stage2: adapt the decoder too (compact)
+    #: stage2: probabilities that a sample's alpha is exactly 0 and exactly 1; the rest is uniform
+    #: in (0, 1). [0.5, 0.5] trains only the two ends.
+    alpha_ends: tuple[float, float] = (0.0, 0.25)
+    discriminator_features: int = 64  # width of the U-Net critic (adversarial / feature_matching)
+    lr_discriminator: float | None = None  # default: lr
     steps: int = 1000
     #: Optional wall-clock budget: the schedule then follows max(step/steps, elapsed/max_seconds)
     #: and training ends when either runs out (how a lent GPU's fixed time is used fully).
@@ -82,6 +100,9 @@ class TrainConfig:
             raise ConfigError("stage2 needs 'fidelity_teacher' (the velocity points at its outputs)")
         if self.stage == "stage1" and self.loss.fidelity and not self.fidelity_teacher:
             raise ConfigError("loss.fidelity > 0 needs 'fidelity_teacher'")
+        self.alpha_ends = tuple(self.alpha_ends)
+        if len(self.alpha_ends) != 2 or min(self.alpha_ends) < 0 or sum(self.alpha_ends) > 1:
+            raise ConfigError(f"alpha_ends must be two probabilities summing to at most 1, got {list(self.alpha_ends)}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"amp must be auto, bf16 or off, not {self.amp!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "teacher_batch"):

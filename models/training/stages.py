@@ -7,6 +7,7 @@ Every stage sees batches of ``lr``, ``hr`` and the cached teacher outputs ``t_fi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import tensors_sha256
 from ..errors import ConfigError
 from ..student import CTSRStudent
 from .config import TrainConfig
+from .discriminator import UNetDiscriminatorSN, discriminator_loss, feature_matching, generator_adversarial
 
 Batch = dict[str, torch.Tensor]
+CacheLevel = tuple[str, Callable[[torch.Tensor, Batch], Batch]]
 
 
 def spectrum_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -34,8 +38,20 @@ class Stage(ABC):
         #: cached teacher outputs this stage needs: batch key → config attribute naming the teacher
         self.teachers: dict[str, str] = {}
 
+    #: The adversarial critic trained beside the model, where the stage's losses use one.
+    critic: nn.Module | None = None
+
     @abstractmethod
     def parameters(self) -> list[nn.Parameter]: ...
+
+    def input_cache(self) -> list[CacheLevel]:
+        """What is frozen during this stage, computed once per pair: ``[(key, fn), ...]``, each
+        ``fn(lr, previous)`` getting the previous level's outputs. The trainer caches every level
+        under its key and passes the last level's crops as ``batch["in_<name>"]``."""
+        return []
+
+    def critic_loss(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
 
     @abstractmethod
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]: ...
@@ -83,10 +99,22 @@ class FidelityTeacherStage(Stage):
 
 
 class _StudentStage(Stage):
+    """What both student stages share: checkpoints, the cached frozen inputs and the critic."""
+
+    stage_name: str
+
     def __init__(self, config: TrainConfig, student: CTSRStudent) -> None:
         super().__init__()
         self.config, self.model, self.w = config, student, config.loss
         self.student = student
+        self.critic: UNetDiscriminatorSN | None = None
+        if self.w.uses_critic():
+            self.critic = UNetDiscriminatorSN(features=config.discriminator_features)
+            self.teachers["t_real"] = "realness_teacher"  # feature matching's target
+        self.fake: torch.Tensor | None = None  # the last generated batch, for the critic's step
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.student.trainable_parameters(self.stage_name, decoder=self.config.train_decoder)
 
     def save(self, folder: Path, provenance: dict[str, Any]) -> Path:
         return self.student.save_pretrained(folder, provenance)
@@ -100,9 +128,47 @@ class _StudentStage(Stage):
         with torch.no_grad():
             return self.student.encode_target(image)
 
+    def _digest(self, stages: tuple[str, ...]) -> str:
+        """Digest of every student weight that the given stages do not train."""
+        trained = {id(p) for st in stages for p in self.student.trainable_parameters(st, decoder=True)}
+        frozen = {n: t for n, t in self.student.state_dict(keep_vars=True).items() if id(t) not in trained}
+        return tensors_sha256(frozen)[:16]
+
+    def _encoder_prefix(self) -> list[CacheLevel]:
+        """The frozen first part of the encoder (families with an encoder cache): shared by both stages."""
+        if type(self.student).encoder_cache is CTSRStudent.encoder_cache:
+            return []
+        key = f"{self.student.family}-prefix-{self._digest(('stage1', 'stage2'))}"
+        return [(key, lambda lr, _: self.student.encoder_cache(lr))]  # type: ignore[arg-type,return-value]
+
+    # -- realness terms shared by both stages -------------------------------------------------
+    def _critic_terms(self, sr: torch.Tensor, batch: Batch, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Adversarial and feature-matching terms, each sample weighted by ``weight`` ([B])."""
+        if self.critic is None:
+            return {}
+        self.fake = sr.detach()
+        self.critic.requires_grad_(False)
+        logits, features = self.critic(sr)
+        out = {}
+        if self.w.adversarial:
+            out["adversarial"] = self.w.adversarial * (weight * generator_adversarial(logits)).mean()
+        if self.w.feature_matching:
+            with torch.no_grad():
+                _, target = self.critic(batch["t_real"])
+            out["feature_matching"] = self.w.feature_matching * (weight * feature_matching(features, target)).mean()
+        return out
+
+    def critic_loss(self, batch: Batch) -> torch.Tensor:
+        """The critic's step: the HR photos are real, the batch the student just made is fake."""
+        assert self.critic is not None and self.fake is not None
+        self.critic.requires_grad_(True)
+        return discriminator_loss(self.critic(batch["hr"])[0], self.critic(self.fake)[0])
+
 
 class DistillStage(_StudentStage):
     """Stage 1: the one-step student from both teachers and the photo."""
+
+    stage_name = "stage1"
 
     def __init__(self, config: TrainConfig, student: CTSRStudent) -> None:
         super().__init__(config, student)
@@ -110,12 +176,16 @@ class DistillStage(_StudentStage):
             self.teachers["t_fid"] = "fidelity_teacher"
         if self.w.realness or self.w.latent or self.w.realness_spectrum:
             self.teachers["t_real"] = "realness_teacher"
+        self.cached = bool(self._encoder_prefix())
 
-    def parameters(self) -> list[nn.Parameter]:
-        return self.student.trainable_parameters("stage1")
+    def input_cache(self) -> list[CacheLevel]:
+        return self._encoder_prefix()
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        z0 = self.student.encode(batch["lr"])
+        if self.cached:
+            z0 = self.student.encode_cached({k[3:]: v for k, v in batch.items() if k.startswith("in_")})
+        else:
+            z0 = self.student.encode(batch["lr"])
         sr = self.student.decode(z0).float()
         out = {}
         if self.w.reconstruction:
@@ -131,43 +201,70 @@ class DistillStage(_StudentStage):
             if target is None:
                 raise ConfigError(f"{self.student.family} has no image→latent encoder; set loss.latent to 0")
             out["latent"] = self.w.latent * F.mse_loss(z0.float(), target.float())
+        out.update(self._critic_terms(sr, batch, torch.ones(sr.shape[0], device=sr.device)))
         return out
 
 
 class VelocityStage(_StudentStage):
-    """Stage 2: the velocity from the realness latent ``z0`` towards the fidelity teacher."""
+    """Stage 2: the velocity from the realness latent ``z0`` towards the fidelity teacher, along
+    the whole alpha path (see :class:`~.config.LossWeights`)."""
 
-    def __init__(self, config: TrainConfig, student: CTSRStudent) -> None:
+    stage_name = "stage2"
+
+    def __init__(self, config: TrainConfig, student: CTSRStudent, generator: torch.Generator | None = None) -> None:
         super().__init__(config, student)
-        self.teachers = {"t_fid": "fidelity_teacher"}
-        if config.train_decoder and (self.w.realness or self.w.realness_spectrum):
+        self.teachers["t_fid"] = "fidelity_teacher"
+        if self.w.realness or self.w.realness_spectrum:
             self.teachers["t_real"] = "realness_teacher"
+        self.gen = generator or torch.Generator().manual_seed(config.seed)
 
-    def parameters(self) -> list[nn.Parameter]:
-        return self.student.trainable_parameters("stage2", decoder=self.config.train_decoder)
+    def input_cache(self) -> list[CacheLevel]:
+        if not self.student.cacheable_latent:
+            return []
+        key = f"{self.student.family}-z0-{self._digest(('stage2',))}"
+        prefix = self._encoder_prefix()
+        if prefix:  # z0 from the cached prefix: only the adapted blocks run
+            return [*prefix, (key, lambda _, cached: {"z0": self.student.encode_cached(cached)})]
+        return [(key, lambda lr, _: {"z0": self.student.encode(lr)})]
+
+    def sample_alphas(self, n: int) -> torch.Tensor:
+        """Per-sample alphas: exactly 0 or 1 with the configured probabilities, else uniform in (0, 1)."""
+        p0, p1 = self.config.alpha_ends
+        u, pick = torch.rand(n, generator=self.gen), torch.rand(n, generator=self.gen)
+        return torch.where(pick < p0, 0.0, torch.where(pick < p0 + p1, 1.0, u))
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            z0 = self.student.encode(batch["lr"])
+        if "in_z0" in batch:
+            z0 = batch["in_z0"]
+        else:
+            with torch.no_grad():
+                z0 = self.student.encode(batch["lr"])
+        alpha = self.sample_alphas(z0.shape[0]).to(z0.device)
         v = self.student.velocity(z0)
+        sr = self.student.decode(self.student.mix(z0, v, alpha)).float()
         out = {}
-        if self.w.fidelity or self.w.reconstruction:
-            sr1 = self.student.decode(z0 + v).float()
-            if self.w.fidelity:
-                out["fidelity"] = self.w.fidelity * F.l1_loss(sr1, batch["t_fid"])
-            if self.w.reconstruction:
-                out["reconstruction"] = self.w.reconstruction * F.l1_loss(sr1, batch["hr"])
+
+        def weighted(per_sample: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return (weight * per_sample).mean()
+
+        def l1(target: torch.Tensor) -> torch.Tensor:
+            return (sr - target).abs().flatten(1).mean(1)
+
+        if self.w.fidelity:
+            out["fidelity"] = self.w.fidelity * weighted(l1(batch["t_fid"]), alpha)
+        if self.w.reconstruction:
+            out["reconstruction"] = self.w.reconstruction * weighted(l1(batch["hr"]), alpha)
         if self.w.latent:
             z1 = self._latent_target(batch["t_fid"])
             if z1 is None:
                 raise ConfigError(f"{self.student.family} has no image→latent encoder; set loss.latent to 0")
             out["latent"] = self.w.latent * F.mse_loss(v.float(), (z1 - z0).float())
-        if self.config.train_decoder and (self.w.realness or self.w.realness_spectrum):
-            sr0 = self.student.decode(z0).float()
-            if self.w.realness:
-                out["realness_anchor"] = self.w.realness * F.l1_loss(sr0, batch["t_real"])
-            if self.w.realness_spectrum:
-                out["realness_spectrum"] = self.w.realness_spectrum * spectrum_l1(sr0, batch["t_real"])
+        if self.w.realness:
+            out["realness_anchor"] = self.w.realness * weighted(l1(batch["t_real"]), (alpha == 0).float())
+        if self.w.realness_spectrum:
+            spectra = [spectrum_l1(sr[i : i + 1], batch["t_real"][i : i + 1]) for i in range(sr.shape[0])]
+            out["realness_spectrum"] = self.w.realness_spectrum * weighted(torch.stack(spectra), 1 - alpha)
+        out.update(self._critic_terms(sr, batch, 1 - alpha))
         if not out:
             raise ConfigError("stage2: every loss weight is 0")
         return out

@@ -20,7 +20,7 @@ import torch
 from ..device import resolve_device
 from ..errors import ConfigError
 from ..teachers.loading import load_teacher, teacher_name
-from .cache import teacher_outputs
+from .cache import cached_inputs, teacher_outputs
 from .config import TrainConfig
 from .pairs import PairSet
 from .stages import Stage, build_stage
@@ -53,7 +53,7 @@ class Trainer:
         self.stage: Stage = build_stage(config)
         self.stage.model.to(self.device)
         # Everything a batch needs, once on the training device (uint8: 2000 pairs ≈ 1.2 GB with both teachers).
-        self.data = {"lr": self.pairs.lr, "hr": self.pairs.hr, **self._teacher_targets()}
+        self.data = {"lr": self.pairs.lr, "hr": self.pairs.hr, **self._teacher_targets(), **self._cached_inputs()}
         self.data = {k: v.to(self.device) for k, v in self.data.items()}
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step = 0
@@ -80,6 +80,16 @@ class Trainer:
                 )  # fmt: skip
         return out
 
+    def _cached_inputs(self) -> dict[str, torch.Tensor]:
+        from tqdm import tqdm
+
+        self.stage.model.eval()
+        out: dict[str, torch.Tensor] = {}
+        for key, compute in self.stage.input_cache():
+            with tqdm(total=len(self.pairs), desc=key, unit="pair", disable=self.progress is False) as bar:
+                out = cached_inputs(self.pairs, key, compute, out, self.device, self.config.teacher_batch, bar.update)
+        return {f"in_{name}": value for name, value in out.items()}
+
     def batch(self) -> dict[str, torch.Tensor]:
         """A random batch of pairs, the same random LR crop (and matching SR crop) for each."""
         c, n = self.config, len(self.pairs)
@@ -90,7 +100,11 @@ class Trainer:
         s = self.pairs.spec.scale
         lr_win = (slice(None), slice(None), slice(top, top + crop), slice(left, left + crop))
         sr_win = (slice(None), slice(None), slice(top * s, (top + crop) * s), slice(left * s, (left + crop) * s))
-        return {k: v[idx][lr_win if k == "lr" else sr_win].float().div_(255) for k, v in self.data.items()}
+        out = {}
+        for k, v in self.data.items():
+            crop_ = v[idx][lr_win if v.shape[-1] == h else sr_win]
+            out[k] = crop_.float().div_(255) if v.dtype == torch.uint8 else crop_.float()
+        return out
 
     # -- loop --------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -112,8 +126,13 @@ class Trainer:
             p.requires_grad_(True)
         model.train()
         optim = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.99))
+        critic = self.stage.critic
+        optim_critic = None
+        if critic is not None:
+            critic.to(self.device).train()
+            optim_critic = torch.optim.Adam(critic.parameters(), lr=c.lr_discriminator or c.lr, betas=(0.9, 0.99))
         if resume:
-            self._resume(optim)
+            self._resume(optim, optim_critic)
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / "train_config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
         log = (self.output / LOG_NAME).open("a")
@@ -134,10 +153,16 @@ class Trainer:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                 optim.step()
+                if optim_critic is not None:
+                    with self._autocast():
+                        terms["critic"] = self.stage.critic_loss(batch)
+                    optim_critic.zero_grad(set_to_none=True)
+                    terms["critic"].backward()
+                    optim_critic.step()
                 self.step += 1
                 self.elapsed = time.perf_counter() - started
                 done = self._progress() >= 1
-                for k, v in {"total": loss, **terms}.items():
+                for k, v in {"total": loss.detach(), **terms}.items():
                     running[k] = running.get(k, 0.0) + float(v.detach())
                 bar.update(1)
                 if self.step % c.log_every == 0 or done:
@@ -150,7 +175,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{means['total']:.4f}")
                     running.clear()
                 if self.step % c.checkpoint_every == 0 or done:
-                    self._checkpoint(optim)
+                    self._checkpoint(optim, optim_critic)
         finally:
             bar.close()
             log.close()
@@ -166,17 +191,23 @@ class Trainer:
                   "pairs": self.pairs.fingerprint, "photos": self.pairs.photos}  # fmt: skip
         return {f"trained_{self.config.stage}": record}
 
-    def _checkpoint(self, optim: torch.optim.Optimizer) -> None:
+    def _checkpoint(self, optim: torch.optim.Optimizer, optim_critic: torch.optim.Optimizer | None) -> None:
         folder = self.output / f"checkpoint-{self.step:06d}"
         self.stage.save(folder, self._provenance())
         state = {"step": self.step, "elapsed": self.elapsed, "optimizer": optim.state_dict(),
                  "generator": self.gen.get_state()}  # fmt: skip
+        stage_gen = getattr(self.stage, "gen", None)
+        if stage_gen is not None:
+            state["stage_generator"] = stage_gen.get_state()
+        if optim_critic is not None and self.stage.critic is not None:
+            state["critic"] = self.stage.critic.state_dict()
+            state["critic_optimizer"] = optim_critic.state_dict()
         torch.save(state, folder / (STATE_NAME + ".tmp"))
         (folder / (STATE_NAME + ".tmp")).replace(folder / STATE_NAME)  # written last: marks it complete
         for old in checkpoints(self.output)[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
 
-    def _resume(self, optim: torch.optim.Optimizer) -> None:
+    def _resume(self, optim: torch.optim.Optimizer, optim_critic: torch.optim.Optimizer | None) -> None:
         found = checkpoints(self.output)
         if not found:
             raise ConfigError(f"{self.output}: no checkpoint to resume from")
@@ -186,6 +217,11 @@ class Trainer:
         state = torch.load(folder / STATE_NAME, map_location=self.device, weights_only=False)
         optim.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"])
+        if "stage_generator" in state:
+            self.stage.gen.set_state(state["stage_generator"])  # type: ignore[attr-defined]
+        if optim_critic is not None and self.stage.critic is not None:
+            self.stage.critic.load_state_dict(state["critic"])
+            optim_critic.load_state_dict(state["critic_optimizer"])
         self.step, self.elapsed = state["step"], state["elapsed"]
 
 

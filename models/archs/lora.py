@@ -1,0 +1,26 @@
+"""peft LoRA helpers shared by the families that adapt a frozen pretrained network."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+def lora_config(rank: int, targets: list[str] | str) -> LoraConfig:
+    """``lora_alpha = rank`` (scale 1) and peft's default init: B = 0, so a new adapter changes nothing."""
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True)
+
+
+def merge_and_strip(module: torch.nn.Module, adapter: str) -> None:
+    """Fold one LoRA adapter into the base weights and remove every LoRA wrapper."""
+    for name, sub in list(module.named_modules()):
+        if isinstance(sub, BaseTunerLayer):
+            sub.merge(adapter_names=[adapter] if adapter in sub.lora_A else [])
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, sub.get_base_layer())
+
+
+def base_keys(module: torch.nn.Module) -> dict[str, str]:
+    """The wrapped network's own state-dict key → the key it has once peft wrapped its layer."""
+    return {k.replace(".base_layer.", "."): k for k in module.state_dict() if "lora_" not in k}
