@@ -14,12 +14,12 @@ from .errors import ConfigError
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = {"compact": "compact-x4", "sd21": "sd21-base"}
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: The bundled default model: the rrdb student on Real-ESRGAN's prior (model card beside it).
+BUNDLED_MODEL = WEIGHTS_DIR / "ctsr-rrdb-x4"
 #: The bundled fast model: the compact family, ~10× faster on a CPU, weaker.
 BUNDLED_COMPACT = WEIGHTS_DIR / "ctsr-compact-x4"
-#: The bundled default model (model card beside it).
-BUNDLED_MODEL = BUNDLED_COMPACT
 #: Short names for the bundled students (``--model compact``, ``CTSR_MODEL=compact``).
-BUNDLED_NAMES = {"compact": BUNDLED_COMPACT}
+BUNDLED_NAMES = {"rrdb": BUNDLED_MODEL, "compact": BUNDLED_COMPACT}
 #: The fidelity teacher the bundled model was distilled from (used by ``ctsr eval``).
 BUNDLED_FIDELITY_TEACHER = Path(__file__).parent / "weights" / "fidelity-rrdbnet-x4"
 

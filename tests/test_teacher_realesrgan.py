@@ -147,7 +147,7 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
 
 def test_missing_package_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, rg.PACKAGE, None)  # makes the import fail like an absent package
-    with pytest.raises(ConfigError, match=r"pip install 'ctsr\[train\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'ctsr\[model\]'"):
         rg.RealESRGANTeacher.from_package(cache_dir=tmp_path)
 
 

@@ -245,7 +245,7 @@ def test_sd21_recipe_runs_both_stages_at_reduced_width(pairs: PairSet, fidelity_
 def test_config_files_are_valid_and_errors_are_clear(tmp_path: Path) -> None:
     from models.training.recipe import CONFIGS
 
-    for path in sorted(CONFIGS.glob("*.json")):
+    for path in sorted(CONFIGS.rglob("*.json")):  # ablations/ too
         TrainConfig.load(path)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"stage": "stage1", "pairs": "p", "output": "o", "init": "x", "lr_rate": 1}))
@@ -377,3 +377,25 @@ def test_rrdb_resume_with_a_critic_is_exact(
     a, b = load_student(whole).state_dict(), load_student(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+
+
+def test_critic_judges_every_pixel_of_any_size() -> None:
+    from models.training.discriminator import UNetDiscriminatorSN, discriminator_loss, feature_matching
+
+    critic = UNetDiscriminatorSN(features=8)
+    for size in ((32, 32), (30, 21)):
+        image = torch.rand(2, 3, *size)
+        logits, features = critic(image)
+        assert logits.shape == (2, 1, *size) and len(features) == 6
+    real, fake = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32) * 0.2
+    optim = torch.optim.Adam(critic.parameters(), lr=2e-3)
+    first = None
+    for _ in range(30):  # a critic trained from scratch learns to tell a dark fake from the real
+        loss = discriminator_loss(critic(real)[0], critic(fake)[0])
+        first = first if first is not None else float(loss.detach())
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    assert float(loss.detach()) < first * 0.7, (first, float(loss.detach()))
+    a, b = critic(real)[1], critic(fake)[1]
+    assert feature_matching(a, a).abs().max() == 0 and (feature_matching(a, b) > 0).all()

@@ -21,8 +21,9 @@ SLOPE = 0.2
 class UNetDiscriminatorSN(nn.Module):
     """Three stride-2 stages down, three bilinear stages up with skips, two more convs, a logit map.
 
-    Input sides must be multiples of 8. ``forward`` returns ``(logits [B,1,H,W], features)``,
-    ``features`` being the encoder and decoder activations used for feature matching.
+    ``forward`` returns ``(logits [B,1,H,W], features)``, ``features`` being the encoder and
+    decoder activations used for feature matching. Sides that are not multiples of 8 are
+    replicate-padded for the three stride-2 stages and the logits cropped back.
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64) -> None:
@@ -44,6 +45,9 @@ class UNetDiscriminatorSN(nn.Module):
         self.head = nn.Conv2d(f, 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h_in, w_in = x.shape[-2:]
+        if h_in % 8 or w_in % 8:
+            x = F.pad(x, (0, -w_in % 8, 0, -h_in % 8), mode="replicate")
         skips = [F.leaky_relu(self.conv0(x * 2 - 1), SLOPE)]
         for conv in self.down:
             skips.append(F.leaky_relu(conv(skips[-1]), SLOPE))
@@ -53,7 +57,7 @@ class UNetDiscriminatorSN(nn.Module):
             h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
             h = F.leaky_relu(conv(h), SLOPE) + skips.pop()
             features.append(h)
-        return self.head(self.refine(h)), features
+        return self.head(self.refine(h))[..., :h_in, :w_in], features
 
 
 def generator_adversarial(logits: torch.Tensor) -> torch.Tensor:
