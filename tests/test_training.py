@@ -6,9 +6,11 @@ degradations of a real photo, real optimisers; only sizes are cut down to fit CI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -183,29 +185,36 @@ def test_stage1_then_stage2_learn_and_keep_alpha0(
         assert not torch.allclose(after(lr, 0.0), after(lr, 1.0))
 
 
+@contextlib.contextmanager
+def _crash_at_batch(n: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Within the block, the trainer's ``n``-th batch raises KeyboardInterrupt (a killed run)."""
+    from models.training.trainer import Trainer
+
+    real_batch, calls = Trainer.batch, []
+
+    def crashing(self: Trainer) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_batch(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "batch", crashing)
+        yield
+
+
 def test_resume_continues_exactly_where_it_stopped(
     pairs: PairSet, small_preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run killed at step 13 resumes from its step-10 checkpoint and ends bit-for-bit where an
     uninterrupted run ends (weights, optimiser moments and the batch sampler all restored)."""
     from models import load_student
-    from models.training.trainer import Trainer
 
     kw = {"stage": "stage1", "init": small_preset, "loss": {"reconstruction": 1.0}, "lr": 1e-3, "steps": 20}
     whole = train(_config(pairs, tmp_path / "whole", **kw), progress=False)
 
-    real_batch, calls = Trainer.batch, []
-
-    def crash_at_13(self: Trainer) -> dict[str, torch.Tensor]:
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        return real_batch(self)
-
-    monkeypatch.setattr(Trainer, "batch", crash_at_13)
-    with pytest.raises(KeyboardInterrupt):
+    with _crash_at_batch(13, monkeypatch), pytest.raises(KeyboardInterrupt):
         train(_config(pairs, tmp_path / "split", **kw), progress=False)
-    monkeypatch.setattr(Trainer, "batch", real_batch)
     assert [p.name for p in checkpoints(tmp_path / "split")] == ["checkpoint-000010"]
     assert not (tmp_path / "split" / "final").exists()
     resumed = train(_config(pairs, tmp_path / "split", **kw), resume=True, progress=False)
@@ -357,22 +366,11 @@ def test_rrdb_resume_with_a_critic_is_exact(
     """The critic, its optimiser and the alpha sampler are restored too: a resumed run ends bit-for-bit
     where an uninterrupted one ends."""
     from models import load_student
-    from models.training.trainer import Trainer
 
     kw = {"stage": "stage2", "init": str(rrdb_stage1), "steps": 20, "loss": {"fidelity": 1.0, **RRDB_GAN}}
     whole = train(_rrdb_config(pairs, tmp_path / "whole", fidelity_teacher, **kw), progress=False)
-    real_batch, calls = Trainer.batch, []
-
-    def crash_at_13(self: Trainer) -> dict[str, torch.Tensor]:
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        return real_batch(self)
-
-    monkeypatch.setattr(Trainer, "batch", crash_at_13)
-    with pytest.raises(KeyboardInterrupt):
+    with _crash_at_batch(13, monkeypatch), pytest.raises(KeyboardInterrupt):
         train(_rrdb_config(pairs, tmp_path / "split", fidelity_teacher, **kw), progress=False)
-    monkeypatch.setattr(Trainer, "batch", real_batch)
     resumed = train(_rrdb_config(pairs, tmp_path / "split", fidelity_teacher, **kw), resume=True, progress=False)
     a, b = load_student(whole).state_dict(), load_student(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

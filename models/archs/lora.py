@@ -24,3 +24,17 @@ def merge_and_strip(module: torch.nn.Module, adapter: str) -> None:
 def base_keys(module: torch.nn.Module) -> dict[str, str]:
     """The wrapped network's own state-dict key → the key it has once peft wrapped its layer."""
     return {k.replace(".base_layer.", "."): k for k in module.state_dict() if "lora_" not in k}
+
+
+def copy_named_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """Copy ``got`` into the live tensors ``expected`` after checking names and shapes (a mismatch
+    raises KeyError/ValueError, which checkpoint loading turns into one CheckpointError)."""
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"adapter tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+    for name, tensor in got.items():
+        if expected[name].shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in got.items():
+            expected[name].copy_(tensor)

@@ -39,7 +39,7 @@ from ..errors import CheckpointError, ConfigError
 from ..registry import ARCH_REGISTRY
 from ..student import CTSRStudent
 from ..teachers.rrdbnet import LRELU_SLOPE, ResidualDenseBlock, RRDBNet
-from .lora import base_keys, lora_config, merge_and_strip
+from .lora import base_keys, copy_named_tensors, lora_config, merge_and_strip
 
 ADAPTERS_NAME = "adapters.safetensors"  # stage-1 LoRA + the velocity net
 PRIOR_NAME = "prior.safetensors"  # only for prior: random
@@ -188,17 +188,7 @@ class RRDBStudent(CTSRStudent):
         return files
 
     def load_state_files(self, files: dict[str, dict[str, torch.Tensor]]) -> None:
-        expected = self._adapter_tensors()
-        got = files[ADAPTERS_NAME]
-        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"adapter tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
-        for name, tensor in got.items():
-            if expected[name].shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
-        with torch.no_grad():
-            for name, tensor in got.items():
-                expected[name].copy_(tensor)
+        copy_named_tensors(self._adapter_tensors(), files[ADAPTERS_NAME])
         if PRIOR_NAME in files:
             mapping = base_keys(self.net)
             prior = files[PRIOR_NAME]

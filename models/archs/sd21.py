@@ -27,7 +27,7 @@ from ..config import StudentConfig, parse_arch
 from ..errors import CheckpointError, ConfigError
 from ..registry import ARCH_REGISTRY
 from ..student import CTSRStudent
-from .lora import base_keys, lora_config, merge_and_strip
+from .lora import base_keys, copy_named_tensors, lora_config, merge_and_strip
 
 ADAPTERS_NAME = "adapters.safetensors"
 BASE_NAME = "base.safetensors"
@@ -236,18 +236,7 @@ class SD21Student(CTSRStudent):
         return files
 
     def load_state_files(self, files: dict[str, dict[str, torch.Tensor]]) -> None:
-        adapters = files[ADAPTERS_NAME]
-        expected = self._adapter_tensors()
-        missing = sorted(set(expected) - set(adapters))
-        unexpected = sorted(set(adapters) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"adapter tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
-        for name, tensor in adapters.items():
-            if expected[name].shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
-        with torch.no_grad():
-            for name, tensor in adapters.items():
-                expected[name].copy_(tensor)
+        copy_named_tensors(self._adapter_tensors(), files[ADAPTERS_NAME])
         if BASE_NAME in files:
             for prefix, module in (("unet.", self.unet), ("vae.", self.vae)):
                 mapping = base_keys(module)
