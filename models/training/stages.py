@@ -134,9 +134,12 @@ class _StudentStage(Stage):
         frozen = {n: t for n, t in self.student.state_dict(keep_vars=True).items() if id(t) not in trained}
         return tensors_sha256(frozen)[:16]
 
+    def _has_encoder_cache(self) -> bool:
+        return type(self.student).encoder_cache is not CTSRStudent.encoder_cache
+
     def _encoder_prefix(self) -> list[CacheLevel]:
         """The frozen first part of the encoder (families with an encoder cache): shared by both stages."""
-        if type(self.student).encoder_cache is CTSRStudent.encoder_cache:
+        if not self._has_encoder_cache():
             return []
         key = f"{self.student.family}-prefix-{self._digest(('stage1', 'stage2'))}"
         return [(key, lambda lr, _: self.student.encoder_cache(lr))]  # type: ignore[arg-type,return-value]
@@ -176,7 +179,7 @@ class DistillStage(_StudentStage):
             self.teachers["t_fid"] = "fidelity_teacher"
         if self.w.realness or self.w.latent or self.w.realness_spectrum:
             self.teachers["t_real"] = "realness_teacher"
-        self.cached = bool(self._encoder_prefix())
+        self.cached = self._has_encoder_cache()
 
     def input_cache(self) -> list[CacheLevel]:
         return self._encoder_prefix()
@@ -211,12 +214,12 @@ class VelocityStage(_StudentStage):
 
     stage_name = "stage2"
 
-    def __init__(self, config: TrainConfig, student: CTSRStudent, generator: torch.Generator | None = None) -> None:
+    def __init__(self, config: TrainConfig, student: CTSRStudent) -> None:
         super().__init__(config, student)
         self.teachers["t_fid"] = "fidelity_teacher"
         if self.w.realness or self.w.realness_spectrum:
             self.teachers["t_real"] = "realness_teacher"
-        self.gen = generator or torch.Generator().manual_seed(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)  # the alpha sampler; saved with checkpoints
 
     def input_cache(self) -> list[CacheLevel]:
         if not self.student.cacheable_latent:
