@@ -102,8 +102,8 @@ class Trainer:
         sr_win = (slice(None), slice(None), slice(top * s, (top + crop) * s), slice(left * s, (left + crop) * s))
         out = {}
         for k, v in self.data.items():
-            crop_ = v[idx][lr_win if v.shape[-1] == h else sr_win]
-            out[k] = crop_.float().div_(255) if v.dtype == torch.uint8 else crop_.float()
+            window = v[idx][lr_win if v.shape[-1] == h else sr_win]  # LR-sized tensors take the LR window
+            out[k] = window.float().div_(255) if v.dtype == torch.uint8 else window.float()
         return out
 
     # -- loop --------------------------------------------------------------------------------
