@@ -18,6 +18,8 @@ from typing import Any
 JOB_FUNC = "worker.tasks.upscale"
 KEY_PREFIX = "ctsr"
 OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+#: The longest side each output format can hold; the gateway refuses what a worker could not encode.
+FORMAT_MAX_SIDE = {"png": 2**31 - 1, "webp": 16383, "jpeg": 65535}
 
 
 def new_job_id() -> str:

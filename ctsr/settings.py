@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(16_000_000, ge=64)  # LR pixels accepted per upload
     max_side: int = Field(8192, ge=16)
     max_alphas: int = Field(8, ge=1)
+    scale: int = Field(4, ge=1)  # the served model's factor (every bundled model is x4); workers check it
     max_queue_depth: int = Field(256, ge=1)  # admission control: 429 beyond this
     max_queue_wait_s: int = Field(300, ge=1)  # a job not started by then becomes "expired"
     max_wait_s: int = Field(60, ge=0)  # cap on `Prefer: wait=N`

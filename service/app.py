@@ -47,7 +47,7 @@ from .access import API_CSP, PAGE_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, c
 from .errors import APIError, api_error_handler, http_error_handler
 from .metrics import GatewayMetrics
 from .schemas import PREFER_PARAMETER, ROUTE_RESPONSES
-from .uploads import BodyTooLarge, check_image, limited_receive, parse_alpha, parse_options
+from .uploads import BodyTooLarge, check_image, check_output_size, limited_receive, parse_alpha, parse_options
 from .webhooks import Deliverer, check_url, delivery_task
 
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields around the image
@@ -267,6 +267,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             await asyncio.get_running_loop().run_in_executor(None, check_url, webhook, settings)
         data = await upload.read()
         width, height = check_image(data, settings)
+        check_output_size(width, height, options.format, settings)
         if queue.count >= settings.max_queue_depth:
             raise APIError(429, "queue_full", "the queue is full; retry later", {"Retry-After": "10"})
         job_id = new_job_id()

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ctsr.contract import OUTPUT_FORMATS, alpha_label
+from ctsr.contract import FORMAT_MAX_SIDE, OUTPUT_FORMATS, alpha_label
 from ctsr.settings import Settings
 from models.defaults import COLOR_FIXES
 
@@ -142,3 +142,15 @@ def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
     if min(width, height) < MIN_SIDE:
         raise APIError(422, "image_too_small", f"{width}x{height}: both sides must be at least {MIN_SIDE} pixels")
     return width, height
+
+
+def check_output_size(width: int, height: int, fmt: str, settings: Settings) -> None:
+    """Refuse, before queueing, a result the requested format cannot hold (WebP: 16383 px a side)."""
+    out_w, out_h = width * settings.scale, height * settings.scale
+    limit = FORMAT_MAX_SIDE[fmt]
+    if max(out_w, out_h) > limit:
+        raise APIError(
+            422,
+            "output_too_large_for_format",
+            f"{width}x{height} upscales to {out_w}x{out_h}, beyond {fmt}'s {limit}-pixel side limit; ask for png",
+        )

@@ -8,26 +8,27 @@ stored payload whose size is the one the worker will decode.
 
 Error codes used by the gateway (``service/uploads.py``, ``service/app.py``):
 
-=====================  ======  ==========================================================
-code                   status  when
-=====================  ======  ==========================================================
-missing_image          400     no file part named ``image`` (no body, JSON, a text field)
-malformed_form         400     the body is not parseable multipart
-empty_image            400     the ``image`` file is empty
-upload_too_large       413     body or image over ``max_upload_bytes`` (cut off while streaming)
-image_too_large        413     decompression bomb, over ``max_pixels`` or ``max_side``
-unsupported_image      415     not an image, or an image format the worker does not decode
-corrupt_image          422     identified, but truncated / bad CRC / no pixel data (``HEADER_ONLY``)
-image_too_small        422     a side under ``MIN_SIDE`` (8) pixels
-invalid_alpha          422     alpha not a number in [0, 1], or two alphas equal to 3 decimals
-too_many_alphas        422     more than ``max_alphas`` alphas
-invalid_format         422     ``format`` not png / webp / jpeg (case-insensitive)
-invalid_quality        422     ``quality`` not an integer in [1, 100]
-invalid_color_fix      422     ``color_fix`` not wavelet / adain / none (case-sensitive)
-unknown_job            404     a job id that is not a (known, canonical lower-case) UUID
-unknown_alpha          404     ``result?alpha=`` names a valid alpha the job did not make
-not_found              404     no route at all
-=====================  ======  ==========================================================
+===========================  ======  ==========================================================
+code                         status  when
+===========================  ======  ==========================================================
+missing_image                400     no file part named ``image`` (no body, JSON, a text field)
+malformed_form               400     the body is not parseable multipart
+empty_image                  400     the ``image`` file is empty
+upload_too_large             413     body or image over ``max_upload_bytes`` (cut off while streaming)
+image_too_large              413     decompression bomb, over ``max_pixels`` or ``max_side``
+unsupported_image            415     not an image, or an image format the worker does not decode
+corrupt_image                422     identified, but truncated / bad CRC / no pixel data (``HEADER_ONLY``)
+image_too_small              422     a side under ``MIN_SIDE`` (8) pixels
+invalid_alpha                422     alpha not a number in [0, 1], or two alphas equal to 3 decimals
+too_many_alphas              422     more than ``max_alphas`` alphas
+invalid_format               422     ``format`` not png / webp / jpeg (case-insensitive)
+invalid_quality              422     ``quality`` not an integer in [1, 100]
+invalid_color_fix            422     ``color_fix`` not wavelet / adain / none (case-sensitive)
+output_too_large_for_format  422     the upscaled side is beyond what ``format`` can hold (WebP 16383)
+unknown_job                  404     a job id that is not a (known, canonical lower-case) UUID
+unknown_alpha                404     ``result?alpha=`` names a valid alpha the job did not make
+not_found                    404     no route at all
+===========================  ======  ==========================================================
 
 Rows marked with a strict xfail (``HEADER_ONLY``) state the
 contract the gateway does not meet yet; fixing the gateway turns them into XPASS failures, and

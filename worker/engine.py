@@ -18,9 +18,14 @@ from PIL import Image
 from ctsr.contract import JobPayload, alpha_label
 from ctsr.settings import Settings
 from models import load_student
+from models.errors import CTSRError
 from models.imaging import LoadedImage, load_image
 from models.pipeline import TileRunner, UpscaleJob, Upscaler, finish_images
 from models.presets import resolve_model
+
+
+class EncodeError(CTSRError):
+    """The result cannot be written in the requested format (a retry would fail the same way)."""
 
 
 @dataclass
@@ -34,6 +39,11 @@ class BatchEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         student = load_student(resolve_model(settings.model))
+        if student.scale != settings.scale:
+            raise CTSRError(
+                f"the model upscales x{student.scale} but CTSR_SCALE is {settings.scale}: the gateways admit "
+                "uploads by the output size they expect; set CTSR_SCALE to the model's factor on both"
+            )
         self.runner = TileRunner(student, settings.device, settings.dtype, compile=settings.compile)
         self.upscaler = Upscaler(self.runner, tile=settings.tile, max_batch=settings.max_batch)
         self.forward_passes = 0
@@ -66,18 +76,11 @@ class BatchEngine:
         images: dict[str, bytes] = {}
         pils = finish_images(image, sr)
         for alpha, pil in zip(payload.alphas, pils, strict=True):
-            buf = io.BytesIO()
-            if pil.mode == "I;16" and payload.format != "png":  # 8-bit formats: scale, don't clip
-                pil = Image.fromarray((np.asarray(pil, dtype=np.uint16) // 257).astype(np.uint8), "L")
-            if payload.format == "jpeg":
-                pil = pil.convert("RGB")  # JPEG has no alpha channel and no 16-bit mode
-                pil.save(buf, "JPEG", quality=payload.quality)
-            elif payload.format == "webp":
-                pil = pil if pil.mode in ("RGB", "RGBA") else pil.convert("RGBA" if "A" in pil.mode else "RGB")
-                pil.save(buf, "WEBP", quality=payload.quality)
-            else:
-                pil.save(buf, "PNG", compress_level=1)
-            images[alpha_label(alpha)] = buf.getvalue()
+            try:
+                images[alpha_label(alpha)] = _encode_one(pil, payload)
+            except (OSError, ValueError) as exc:
+                width, height = pil.size
+                raise EncodeError(f"the {width}x{height} result cannot be written as {payload.format}: {exc}") from None
         width, height = pils[0].size
         return EncodedOutputs(images, width, height)
 
@@ -87,3 +90,18 @@ class BatchEngine:
         side = self.settings.tile
         self.upscaler.run([UpscaleJob(torch.rand(3, side, side), (0.0, 1.0), "wavelet")])
         return time.perf_counter() - start
+
+
+def _encode_one(pil: Image.Image, payload: JobPayload) -> bytes:
+    buf = io.BytesIO()
+    if pil.mode == "I;16" and payload.format != "png":  # 8-bit formats: scale, don't clip
+        pil = Image.fromarray((np.asarray(pil, dtype=np.uint16) // 257).astype(np.uint8), "L")
+    if payload.format == "jpeg":
+        pil = pil.convert("RGB")  # JPEG has no alpha channel and no 16-bit mode
+        pil.save(buf, "JPEG", quality=payload.quality)
+    elif payload.format == "webp":
+        pil = pil if pil.mode in ("RGB", "RGBA") else pil.convert("RGBA" if "A" in pil.mode else "RGB")
+        pil.save(buf, "WEBP", quality=payload.quality)
+    else:
+        pil.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()

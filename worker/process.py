@@ -1,19 +1,30 @@
 """One pulled group of jobs: blobs in → one batched model run → blobs out.
 
 Shared by the batching worker and the plain RQ task, so a job gives the same pixels whichever
-ran it. Per-job failures come back as exception objects; the batch carries on without them.
+ran it. A job's fate depends on that job alone: every step after the shared forward passes
+(colour fix, encoding, storing) has a per-job outcome, and a failed shared forward pass is
+retried one job at a time before anyone is failed, so one poisoned input cannot take its
+batch-mates down or show them its error.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from rq.timeouts import BaseTimeoutException
 
 from ctsr.blobs import BlobStore
 from ctsr.contract import OUTPUT_FORMATS, JobPayload, JobResult, input_key, output_key
 from models.errors import CTSRError
+from models.imaging import LoadedImage
 
 from .engine import BatchEngine
+
+log = logging.getLogger(__name__)
+
+Outcome = dict[str, Any] | BaseException
 
 
 class InputMissing(CTSRError):
@@ -26,28 +37,75 @@ def process_jobs(
     payloads: Sequence[dict[str, Any]],
     ttl_s: int,
     on_batch: Callable[[int], None] | None = None,
-) -> list[dict[str, Any] | BaseException]:
-    outcomes: list[dict[str, Any] | BaseException] = []
-    runnable = []
-    for raw in payloads:
+) -> list[Outcome]:
+    """One outcome per payload, in order: the job's result dict or the exception that ended it."""
+    outcomes: list[Outcome | None] = [None] * len(payloads)
+    runnable: list[tuple[int, JobPayload, LoadedImage]] = []
+    for index, raw in enumerate(payloads):
         payload = JobPayload.from_dict(raw)
         try:
             data = store.get(input_key(payload.job_id))
             if data is None:
                 raise InputMissing(f"input of job {payload.job_id} expired before it ran")
-            runnable.append((len(outcomes), payload, engine.decode(data)))
-            outcomes.append(None)  # type: ignore[arg-type]
-        except CTSRError as exc:
-            outcomes.append(exc)
+            runnable.append((index, payload, engine.decode(data)))
+        except BaseTimeoutException:
+            raise
+        except Exception as exc:
+            outcomes[index] = exc
 
-    results = engine.run([(p, img) for _, p, img in runnable], on_batch=on_batch) if runnable else []
+    results = _run_isolated(engine, [(p, img) for _, p, img in runnable], on_batch)
     for (index, payload, image), sr in zip(runnable, results, strict=True):
-        encoded = engine.encode(payload, image, sr)
-        outputs = {}
+        try:
+            if isinstance(sr, BaseException):
+                raise sr
+            outcomes[index] = _store_outputs(engine, store, payload, image, sr, ttl_s)
+        except BaseTimeoutException:
+            raise
+        except Exception as exc:
+            outcomes[index] = exc
+    assert all(o is not None for o in outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+def _run_isolated(
+    engine: BatchEngine,
+    jobs: Sequence[tuple[JobPayload, LoadedImage]],
+    on_batch: Callable[[int], None] | None,
+) -> list[Any]:
+    """The shared forward passes; if they fail, each job again on its own (its own error or result)."""
+    if not jobs:
+        return []
+    try:
+        return list(engine.run(jobs, on_batch=on_batch))
+    except BaseTimeoutException:
+        raise
+    except Exception as exc:
+        if len(jobs) == 1:
+            return [exc]
+        log.warning("a batch of %d jobs failed (%s); running them one at a time", len(jobs), exc)
+    results: list[Any] = []
+    for job in jobs:
+        try:
+            results.extend(engine.run([job], on_batch=on_batch))
+        except BaseTimeoutException:
+            raise
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _store_outputs(
+    engine: BatchEngine, store: BlobStore, payload: JobPayload, image: LoadedImage, sr: Any, ttl_s: int
+) -> dict[str, Any]:
+    encoded = engine.encode(payload, image, sr)
+    outputs = {}
+    try:
         for label, data in encoded.images.items():
             key = output_key(payload.job_id, float(label))
             store.put(key, data, ttl_s)
             outputs[label] = key
-        store.delete(input_key(payload.job_id))
-        outcomes[index] = JobResult(outputs, OUTPUT_FORMATS[payload.format], encoded.width, encoded.height).to_dict()
-    return outcomes
+    except Exception:
+        store.delete(*outputs.values())  # no half-stored sweep is left behind
+        raise
+    store.delete(input_key(payload.job_id))
+    return JobResult(outputs, OUTPUT_FORMATS[payload.format], encoded.width, encoded.height).to_dict()
