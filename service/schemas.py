@@ -152,7 +152,10 @@ ROUTE_RESPONSES: dict[str, dict[int | str, dict[str, Any]]] = {
         401: UNAUTHORIZED,
         413: error("`upload_too_large`, `image_too_large`"),
         415: error("`unsupported_image`"),
-        422: error("`corrupt_image`, `image_too_small`, `invalid_alpha`, `too_many_alphas`, `invalid_format`, `output_too_large_for_format`, ..."),
+        422: error(
+            "`corrupt_image`, `image_too_small`, `invalid_alpha`, `too_many_alphas`, `invalid_format`, "
+            "`output_too_large_for_format`, ..."
+        ),
         429: error("`queue_full` or `rate_limited`", {**RETRY_AFTER, **RATE_HEADERS}),
         503: UNAVAILABLE,
     },
