@@ -688,9 +688,7 @@ def test_a_result_that_cannot_be_encoded_fails_only_its_own_job(stack: Stack) ->
     assert stack.blob_keys() == sorted(f"ctsr:blob:{healthy}:out:0.5".split())
 
 
-def test_a_failing_forward_pass_is_retried_one_job_at_a_time(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failing_forward_pass_is_retried_one_job_at_a_time(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     run = stack.engine.upscaler.run
     calls: list[int] = []
 
