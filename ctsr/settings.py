@@ -43,10 +43,19 @@ class Settings(BaseSettings):
     metrics_need_key: bool = False  # put /metrics behind the API keys too
     cors_origins: list[str] = []  # browser origins allowed to call the API ("*": any)
     webhook_secret: str | None = None  # HMAC-SHA256 key signing webhook bodies; unset: webhooks refused
-    webhook_allow_hosts: list[str] = []  # hosts allowed even if they resolve to private addresses
+    webhook_allow_hosts: list[str] = []  # "host:port" pairs allowed even if they resolve to private addresses
     webhook_allow_private: bool = False  # allow loopback/private/link-local targets (trusted networks only)
     webhook_attempts: int = Field(5, ge=1)  # deliveries tried per job, with exponential back-off
     webhook_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _host_and_port(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or host.endswith(":"):
+                raise ValueError(f"{entry!r}: name a host and its port, e.g. hooks.internal:8443 or [fd00::1]:443")
+        return entries
 
     @field_validator("api_keys")
     @classmethod

@@ -69,6 +69,18 @@ def fake_resolver(host: str, port: int) -> list[str]:
         ("file:///etc/passwd", "invalid_webhook"),
         ("http://user:pw@public.example/hook", "invalid_webhook"),
         ("https:///nohost", "invalid_webhook"),
+        # IPv4 written inside IPv6: each reaches the IPv4 host it carries
+        ("http://[64:ff9b::a9fe:a9fe]/", "webhook_not_allowed"),  # NAT64 of 169.254.169.254
+        ("http://[64:ff9b:1::a9fe:a9fe]/", "webhook_not_allowed"),  # local-use NAT64 prefix
+        ("http://[::127.0.0.1]/", "webhook_not_allowed"),  # IPv4-compatible
+        ("http://[::ffff:10.0.0.1]/", "webhook_not_allowed"),  # IPv4-mapped
+        ("http://[2002:a9fe:a9fe::]/", "webhook_not_allowed"),  # 6to4
+        ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/", "webhook_not_allowed"),  # Teredo, client 10.0.0.1
+        # a URL that would smuggle headers or split the request line
+        ("http://public.example/hook\r\nX-Injected: 1", "invalid_webhook"),
+        ("http://public.example/hook\n", "invalid_webhook"),
+        ("http://public.example/a b", "invalid_webhook"),
+        ("http://public.example:99999/", "invalid_webhook"),
     ],
 )
 def test_ssrf_guard_refuses(url: str, code: str) -> None:
@@ -80,8 +92,38 @@ def test_ssrf_guard_refuses(url: str, code: str) -> None:
 def test_ssrf_guard_allows_public_and_explicitly_allowed_hosts() -> None:
     check_url("https://public.example/hooks?x=1", Settings(), fake_resolver)
     check_url("http://93.184.216.34:8080/", Settings(), fake_resolver)
-    check_url("http://127.0.0.1:9000/hook", Settings(webhook_allow_hosts=["127.0.0.1"]), fake_resolver)
+    check_url("http://[2606:4700::6810:84e5]/", Settings(), fake_resolver)  # a public IPv6 address
+    allowed = Settings(webhook_allow_hosts=["127.0.0.1:9000", "internal.example:80"])
+    check_url("http://127.0.0.1:9000/hook", allowed, fake_resolver)
+    check_url("http://internal.example/hook", allowed, fake_resolver)
     check_url("http://internal.example/hook", Settings(webhook_allow_private=True), fake_resolver)
+    for url in ("http://127.0.0.1:9001/hook", "https://internal.example/hook"):  # same host, other port
+        with pytest.raises(APIError):
+            check_url(url, allowed, fake_resolver)
+
+
+def test_allow_list_entries_must_name_a_port() -> None:
+    with pytest.raises(ValueError, match="host and its port"):
+        Settings(webhook_allow_hosts=["127.0.0.1"])
+    Settings(webhook_allow_hosts=["[fd00::1]:443", "hooks.internal:8443"])
+
+
+def test_delivery_connects_to_the_address_it_checked(redis: Any, receiver: Receiver) -> None:
+    """DNS rebinding: the name is checked once per attempt and the connection goes to that answer."""
+    port = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+    answers = iter([["127.0.0.1"], ["10.9.9.9"]])  # the first answer is checked; a later one must not matter
+
+    def rebinding(host: str, _: int) -> list[str]:
+        assert host == "hooks.test"
+        return next(answers)
+
+    settings = _settings(webhook_allow_hosts=[f"hooks.test:{port}"], webhook_allow_private=False)
+    deliverer = Deliverer(redis, settings, rebinding)
+    _push(redis, f"http://hooks.test:{port}/hook?token=s3cret")
+    asyncio.run(_drain(deliverer, 1))
+    ((headers, _),) = receiver.calls  # "hooks.test" has no real DNS: only the pinned address was used
+    assert headers["Host"] == f"hooks.test:{port}"
+    assert deliverer.delivered == 1
 
 
 # -- a receiver on this machine ---------------------------------------------------------------
@@ -122,7 +164,8 @@ def verify(headers: dict[str, str], body: bytes) -> bool:
 
 
 def _settings(**kw: Any) -> Settings:
-    return Settings(redis_url=None, webhook_secret=SECRET, webhook_allow_hosts=["127.0.0.1"], **kw)
+    kw.setdefault("webhook_allow_private", True)  # the receivers listen on loopback
+    return Settings(redis_url=None, webhook_secret=SECRET, **kw)
 
 
 def _push(redis: Any, url: str, status: str = "finished") -> None:
