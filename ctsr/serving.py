@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from .settings import Settings
 
@@ -28,13 +29,22 @@ def _logging() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's X-Forwarded-* handling, on only for ``CTSR_TRUSTED_PROXIES`` (uvicorn would
+    otherwise trust 127.0.0.1, so any local client could pick its own rate-limit identity)."""
+    trusted = ",".join(settings.trusted_proxies)
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or ""}
+
+
 def run_gateway(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from service.app import create_app
 
     _logging()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level="warning", access_log=False, **proxy_options(settings)
+    )
     return 0
 
 
@@ -71,7 +81,8 @@ def serve(settings: Settings, host: str, port: int) -> int:
     if settings.model:
         env["CTSR_MODEL"] = str(settings.model)
     worker = subprocess.Popen([sys.executable, "-m", "ctsr.cli", "worker"], env=env)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning"))
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", **proxy_options(settings))
+    server = uvicorn.Server(config)
 
     def watch_worker() -> None:
         code = worker.wait()

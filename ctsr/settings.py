@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = {}  # key name → SHA-256 hex of the key (`ctsr key new NAME`); empty: open API
     rate_limit_per_min: int = Field(0, ge=0)  # uploads per key (or client address) a minute; 0: off
     metrics_need_key: bool = False  # put /metrics behind the API keys too
+    #: Addresses or CIDRs of the reverse proxies / load balancers in front of the gateways. Only
+    #: connections from these may set the client address by X-Forwarded-For (rate limits key on
+    #: it); empty: the header is ignored and the peer address counts.
+    trusted_proxies: list[str] = []
     cors_origins: list[str] = []  # browser origins allowed to call the API ("*": any)
     webhook_secret: str | None = None  # HMAC-SHA256 key signing webhook bodies; unset: webhooks refused
     webhook_allow_hosts: list[str] = []  # "host:port" pairs allowed even if they resolve to private addresses

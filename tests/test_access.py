@@ -10,10 +10,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from conftest import REPO
 from fastapi.testclient import TestClient
-from service_helpers import jpeg
+from service_helpers import Proc, free_port, jpeg, service_env, wait_for
 
 from ctsr.settings import Settings
 from service.access import hash_key, new_key
@@ -165,3 +166,32 @@ def test_key_new_prints_a_key_and_its_hash() -> None:
     key = done.stdout.split(": ", 1)[1].splitlines()[0].strip()
     entry = json.loads(done.stdout.splitlines()[1].split(": ", 1)[1])
     assert entry == {"carol": hash_key(key)} and key.startswith("ctsr_")
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_for_counts_only_from_trusted_proxies(redis: Any, tmp_path: Any, trusted: bool) -> None:
+    """A real `ctsr gateway` process (uvicorn's own proxy handling, not a test client)."""
+    port = free_port()
+    env = service_env(redis_url=f"unix://{redis.socket_file}", rate_limit_per_min=2)
+    if trusted:
+        env["CTSR_TRUSTED_PROXIES"] = '["127.0.0.0/8"]'
+    gateway = Proc(["gateway", "--port", str(port)], env, tmp_path / "gateway.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _get_ok(f"{url}/livez"), 60, what="the gateway")
+        codes = []
+        for i in range(3):  # three different claimed clients from one real peer
+            files = {"image": ("in.jpg", jpeg(40, 32), "image/jpeg")}
+            headers = {"X-Forwarded-For": f"203.0.113.{i + 1}"}
+            codes.append(httpx.post(f"{url}/upscale", files=files, headers=headers, timeout=30).status_code)
+        # untrusted: the header is ignored, one peer gets two uploads a minute; trusted: three clients
+        assert codes == ([202, 202, 202] if trusted else [202, 202, 429]), gateway.output[-2000:]
+    finally:
+        gateway.stop()
+
+
+def _get_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
