@@ -82,6 +82,17 @@ def webhook_record(payload: JobPayload, status: str) -> str | None:
     return json.dumps({"job_id": payload.job_id, "url": payload.webhook, "status": status, "attempt": 0})
 
 
+def announce_end(pipe: Any, payload: JobPayload, status: str) -> None:
+    """Queue on ``pipe`` (a Redis pipeline) what every end of a job owes its watchers: wake the
+    ``Prefer: wait`` requests blocked on it and queue its webhook. Workers call it when a job
+    finishes, fails or is dropped from a batch; gateways when they cancel a queued job."""
+    pipe.rpush(done_key(payload.job_id), status)
+    pipe.expire(done_key(payload.job_id), 120)
+    record = webhook_record(payload, status)
+    if record is not None:
+        pipe.rpush(WEBHOOK_QUEUE_KEY, record)
+
+
 def alpha_label(alpha: float) -> str:
     """0.5 → '0.5', 1.0 → '1': how an alpha appears in keys, URLs and file names."""
     return f"{alpha:.3f}".rstrip("0").rstrip(".")

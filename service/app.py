@@ -32,6 +32,7 @@ from ctsr.contract import (
     READY_PATTERN,
     JobPayload,
     alpha_label,
+    announce_end,
     cancel_job,
     canceled_key,
     done_key,
@@ -352,6 +353,9 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             cancel_job(job, settings.result_ttl_s)
             store.delete(input_key(job.id))
+            with redis.pipeline() as pipe:  # its waiters and its webhook hear of it, as of any other end
+                announce_end(pipe, JobPayload.from_dict(job.args[0]), "canceled")
+                pipe.execute()
             return JSONResponse({"id": job.id, "status": "canceled"})
         if status == JobStatus.STARTED:
             redis.set(canceled_key(job.id), "1", ex=settings.result_ttl_s)

@@ -50,7 +50,16 @@ from service_helpers import (
 
 import models
 from ctsr.blobs import RedisBlobStore
-from ctsr.contract import JOB_FUNC, JobPayload, input_key, is_job_id, new_job_id, output_key, ready_key
+from ctsr.contract import (
+    JOB_FUNC,
+    WEBHOOK_QUEUE_KEY,
+    JobPayload,
+    input_key,
+    is_job_id,
+    new_job_id,
+    output_key,
+    ready_key,
+)
 from ctsr.settings import Settings
 from service.app import create_app
 from worker.engine import BatchEngine
@@ -823,6 +832,26 @@ def test_prefer_wait_reports_a_failed_job(stack: Stack) -> None:
     job_id = response.json()["id"]
     assert stack.status(job_id)["status"] == "failed"
     assert response.json()["status"] == "failed", response.text
+
+
+def test_canceling_a_queued_job_wakes_its_waiter_and_sends_its_webhook(stack: Stack) -> None:
+    stack.settings.webhook_secret = "whsec"
+    stack.app = create_app(stack.settings, stack.redis)
+    stack.client = TestClient(stack.app, raise_server_exceptions=False)
+    hook = "http://93.184.216.34/hook"  # a public literal: checked without DNS, never contacted here
+    thread, replies = _submit_in_background(
+        stack, data=VALID, alphas=(0.5,), headers={"Prefer": "wait=30"}, webhook=hook
+    )
+    wait_for(lambda: stack.queue.count == 1, timeout=10, what="the job to be queued")
+    (job_id,) = stack.queue.job_ids
+    started = time.monotonic()
+    assert stack.client.delete(f"/jobs/{job_id}").json()["status"] == "canceled"
+    thread.join(timeout=20)
+    assert time.monotonic() - started < 10, "the waiting request slept through the cancel"
+    (response,) = replies
+    assert response.status_code == 200 and response.json()["status"] == "canceled", response.text
+    (record,) = [json.loads(r) for r in stack.redis.lrange(WEBHOOK_QUEUE_KEY, 0, -1)]
+    assert (record["job_id"], record["status"], record["url"]) == (job_id, "canceled", hook)
 
 
 def test_prefer_wait_is_capped(stack: Stack) -> None:

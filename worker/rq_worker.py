@@ -30,16 +30,14 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from ctsr.blobs import BlobStore, FileBlobStore
 from ctsr.contract import (
-    WEBHOOK_QUEUE_KEY,
     JobExpired,
     JobPayload,
+    announce_end,
     cancel_job,
     canceled_key,
-    done_key,
     input_key,
     progress_key,
     ready_key,
-    webhook_record,
 )
 from ctsr.settings import Settings
 from models.errors import CTSRError
@@ -238,11 +236,7 @@ class BatchWorker(SimpleWorker):
         """Wake gateways waiting on this job (``Prefer: wait``) and queue its webhook, if any."""
         status = job.get_status(refresh=False) or ""
         with self.connection.pipeline() as pipe:
-            pipe.rpush(done_key(job.id), status)
-            pipe.expire(done_key(job.id), 120)
-            record = webhook_record(JobPayload.from_dict(job.args[0]), getattr(status, "value", status))
-            if record is not None:
-                pipe.rpush(WEBHOOK_QUEUE_KEY, record)
+            announce_end(pipe, JobPayload.from_dict(job.args[0]), getattr(status, "value", status))
             pipe.execute()
 
     def _cancel(self, job: Job, execution: Any, outcome: Any) -> None:
