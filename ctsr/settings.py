@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False  # allow loopback/private/link-local targets (trusted networks only)
     webhook_attempts: int = Field(5, ge=1)  # deliveries tried per job, with exponential back-off
     webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_concurrency: int = Field(32, ge=1)  # deliveries in flight per gateway
+    webhook_per_host: int = Field(4, ge=1)  # of which at most this many to one receiver (host:port)
 
     @field_validator("webhook_allow_hosts")
     @classmethod

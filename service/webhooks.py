@@ -11,7 +11,9 @@
 * **Signature.** ``X-CTSR-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``;
   a receiver recomputes it and rejects old timestamps (replays).
 * **Delivery** runs in the gateways (:class:`Deliverer`): workers only push a record onto a Redis
-  list. A failed attempt is retried after 1, 2, 4, … s, up to ``CTSR_WEBHOOK_ATTEMPTS`` tries.
+  list. Attempts run concurrently (``CTSR_WEBHOOK_CONCURRENCY`` per gateway, at most
+  ``CTSR_WEBHOOK_PER_HOST`` per receiver), so slow receivers delay only themselves. A failed
+  attempt is retried after 1, 2, 4, … s, up to ``CTSR_WEBHOOK_ATTEMPTS`` tries.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class Deliverer:
     def __init__(self, redis: Redis, settings: Settings, resolver: Resolver = resolve) -> None:
         self.redis, self.settings, self.resolver = redis, settings, resolver
         self.delivered = self.failed = self.dropped = 0
+        self.busy: dict[str, int] = {}  # attempts in flight per receiver (host:port)
 
     def _promote_due(self) -> None:
         """Move retries whose time has come back onto the queue (ZREM decides which gateway)."""
@@ -184,37 +187,92 @@ class Deliverer:
             return "retry"
         return "delivered" if 200 <= response.status_code < 300 else "retry"
 
-    async def run_once(self, client: httpx.AsyncClient, wait_s: float = 1.0) -> bool:
-        """Deliver at most one record; False when there was none within ``wait_s``."""
-        self._promote_due()
+    async def _take(self, wait_s: float) -> dict[str, Any] | None:
+        """The next record (retries that are due first), or None after ``wait_s``."""
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._promote_due)
         item = await loop.run_in_executor(None, self.redis.blpop, [WEBHOOK_QUEUE_KEY], wait_s)
-        if not item:
-            return False
-        record = json.loads(item[1])
-        outcome = await self.deliver(record, client)
+        return json.loads(item[1]) if item else None
+
+    async def handle(self, record: dict[str, Any], client: httpx.AsyncClient) -> None:
+        """One attempt at ``record``, then its bookkeeping: counted, or scheduled to retry.
+
+        At most ``webhook_per_host`` attempts run at once per receiver (host and port); a record
+        for a receiver at its limit goes back to wait half a second, without using up an attempt,
+        so a slow receiver holds neither the pool nor anyone else's delivery.
+        """
+        loop = asyncio.get_running_loop()
+        parts = urlsplit(record["url"])
+        receiver = f"{parts.hostname}:{parts.port}"
+        if self.busy.get(receiver, 0) >= self.settings.webhook_per_host:
+            await loop.run_in_executor(None, self._schedule, record, 0.5)
+            return
+        self.busy[receiver] = self.busy.get(receiver, 0) + 1
+        try:
+            outcome = await self.deliver(record, client)
+        finally:
+            self.busy[receiver] -= 1
+            if not self.busy[receiver]:
+                del self.busy[receiver]
         if outcome != "retry":
             setattr(self, outcome, getattr(self, outcome) + 1)
-            return True
+            return
         record["attempt"] += 1
         if record["attempt"] >= self.settings.webhook_attempts:
             self.failed += 1
             log.warning("webhook for %s given up after %d attempts", record["job_id"], record["attempt"])
-            return True
-        delay = 2 ** (record["attempt"] - 1)
-        self.redis.zadd(WEBHOOK_RETRY_KEY, {json.dumps(record): time.time() + delay})
+            return
+        await loop.run_in_executor(None, self._schedule, record, 2 ** (record["attempt"] - 1))
+
+    def _schedule(self, record: dict[str, Any], delay_s: float) -> None:
+        self.redis.zadd(WEBHOOK_RETRY_KEY, {json.dumps(record): time.time() + delay_s})
+
+    async def run_once(self, client: httpx.AsyncClient, wait_s: float = 1.0) -> bool:
+        """Take and handle at most one record; False when there was none within ``wait_s``."""
+        record = await self._take(wait_s)
+        if record is None:
+            return False
+        await self.handle(record, client)
         return True
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False) as client:
-            while True:
-                try:
-                    await self.run_once(client)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # Redis down or a bad record: log, back off, keep the loop alive
-                    log.exception("webhook delivery loop error")
-                    await asyncio.sleep(1)
+        """Deliver concurrently: up to ``webhook_concurrency`` attempts in flight per gateway."""
+        limits = httpx.Limits(max_connections=self.settings.webhook_concurrency)
+        pool = asyncio.Semaphore(self.settings.webhook_concurrency)
+        running: set[asyncio.Task[None]] = set()
+
+        async def attempt(record: dict[str, Any], client: httpx.AsyncClient) -> None:
+            try:
+                await self.handle(record, client)
+            except Exception:
+                log.exception("webhook for %s: delivery error", record.get("job_id"))
+            finally:
+                pool.release()
+
+        async with httpx.AsyncClient(
+            timeout=self.settings.webhook_timeout_s, follow_redirects=False, limits=limits
+        ) as client:
+            try:
+                while True:
+                    await pool.acquire()
+                    try:
+                        record = await self._take(1.0)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # Redis down or a bad record: log, back off, keep the loop alive
+                        pool.release()
+                        log.exception("webhook delivery loop error")
+                        await asyncio.sleep(1)
+                        continue
+                    if record is None:
+                        pool.release()
+                        continue
+                    task = asyncio.create_task(attempt(record, client))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            finally:
+                for task in running:
+                    task.cancel()
 
 
 @contextlib.asynccontextmanager

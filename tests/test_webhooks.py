@@ -130,14 +130,17 @@ def test_delivery_connects_to_the_address_it_checked(redis: Any, receiver: Recei
 class Receiver:
     """An HTTP server that records POSTs and fails the first ``fail`` of them with a 500."""
 
-    def __init__(self, fail: int = 0) -> None:
+    def __init__(self, fail: int = 0, delay_s: float = 0.0) -> None:
         self.calls: list[tuple[dict[str, str], bytes]] = []
+        self.arrived: list[float] = []  # monotonic time of each request
         self.fail = fail
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                outer.arrived.append(time.monotonic())
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(delay_s)
                 outer.calls.append((dict(self.headers), body))
                 self.send_response(500 if len(outer.calls) <= outer.fail else 204)
                 self.end_headers()
@@ -168,8 +171,8 @@ def _settings(**kw: Any) -> Settings:
     return Settings(redis_url=None, webhook_secret=SECRET, **kw)
 
 
-def _push(redis: Any, url: str, status: str = "finished") -> None:
-    payload = JobPayload("00000000-0000-4000-8000-000000000001", [0.5], webhook=url)
+def _push(redis: Any, url: str, status: str = "finished", job: int = 1) -> None:
+    payload = JobPayload(f"00000000-0000-4000-8000-{job:012d}", [0.5], webhook=url)
     redis.rpush(WEBHOOK_QUEUE_KEY, webhook_record(payload, status))
 
 
@@ -217,6 +220,33 @@ def test_failed_deliveries_back_off_then_succeed_or_give_up(redis: Any) -> None:
     assert redis.llen(WEBHOOK_QUEUE_KEY) == 0 and redis.zcard(WEBHOOK_RETRY_KEY) == 0
     flaky.server.shutdown()
     dead.server.shutdown()
+
+
+def test_slow_receivers_delay_only_themselves(redis: Any) -> None:
+    slow, fast = Receiver(delay_s=2.0), Receiver()
+    settings = _settings(webhook_per_host=2, webhook_timeout_s=10)
+    for job in range(4):
+        _push(redis, slow.url, job=job)
+    _push(redis, fast.url, job=4)  # queued behind four deliveries that each take 2 s
+
+    async def scenario() -> Deliverer:
+        deliverer = Deliverer(redis, settings)
+        started = time.monotonic()
+        task = asyncio.create_task(deliverer.run())
+        while not fast.arrived and time.monotonic() - started < 15:
+            await asyncio.sleep(0.05)
+        assert fast.arrived and fast.arrived[0] - started < 1.5, "the fast receiver waited for the slow ones"
+        await asyncio.sleep(0.5)
+        assert max(len(slow.arrived) - len(slow.calls), 0) <= 2, "more than webhook_per_host at one receiver"
+        while deliverer.delivered < 5 and time.monotonic() - started < 20:
+            await asyncio.sleep(0.1)
+        task.cancel()
+        return deliverer
+
+    deliverer = asyncio.run(scenario())
+    assert deliverer.delivered == 5 and len(slow.calls) == 4 and deliverer.failed == 0
+    slow.server.shutdown()
+    fast.server.shutdown()
 
 
 def test_a_url_that_turned_private_is_dropped_at_delivery(redis: Any) -> None:
