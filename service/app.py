@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     metrics = GatewayMetrics(queue)
     # `Prefer: wait` requests block in BLPOP; the default executor (cores + 4 threads) is too small
     waiters = ThreadPoolExecutor(max_workers=settings.max_waiters, thread_name_prefix="ctsr-wait")
+    waiting = [0]  # requests in a Prefer: wait now (one event loop: no lock needed)
     deliverer = Deliverer(redis, settings) if settings.webhook_secret else None
     app = FastAPI(
         lifespan=(lambda _: delivery_task(deliverer)) if deliverer else None,  # a delivery loop only with webhooks on
@@ -168,7 +169,9 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             job = Job.fetch(job_id, connection=redis)
         except NoSuchJobError:
             job = None
-        if job is None or (keys.enabled and JobPayload.from_dict(job.args[0]).owner != owner):
+        if job is None or job.func_name != JOB_FUNC:  # a shared Redis may hold other applications' RQ jobs
+            raise APIError(404, "unknown_job", "no such job (or it has expired and been removed)")
+        if keys.enabled and JobPayload.from_dict(job.args[0]).owner != owner:
             raise APIError(404, "unknown_job", "no such job (or it has expired and been removed)")
         return job
 
@@ -225,6 +228,9 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     async def upscale(request: Request) -> Response:
         owner = keys.identify(request)
         rate_headers = limiter.hit(caller_id(request, owner))  # before reading the body
+        if await asyncio.get_running_loop().run_in_executor(None, lambda: queue.count) >= settings.max_queue_depth:
+            metrics.rejected.labels("queue_full").inc()  # refused before a byte of the body is read
+            raise APIError(429, "queue_full", "the queue is full; retry later", {"Retry-After": "10"})
         limit = settings.max_upload_bytes + FORM_SLACK
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
@@ -292,26 +298,32 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         metrics.submitted.inc()
         body = {"id": job_id, "status": "queued", "urls": urls(job_id)}
         wait = _prefer_wait(request.headers.get("prefer"))
-        if wait:
-            job = await _wait_for(job_id, min(wait, settings.max_wait_s))
-            if job is not None:  # ended in time: the image when there is exactly one, else the job
-                if len(options.alphas) == 1 and job.get_status(refresh=False) == JobStatus.FINISHED:
+        # Past CTSR_MAX_WAITERS the preference is not applied (RFC 7240 lets a server ignore it):
+        # the job is queued all the same and the client gets its 202 at once, never a late one.
+        if wait and waiting[0] < settings.max_waiters:
+            waiting[0] += 1
+            try:
+                job = await _wait_for(job_id, min(wait, settings.max_wait_s))
+            finally:
+                waiting[0] -= 1
+            status = job.get_status(refresh=False)
+            if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
+                if len(options.alphas) == 1 and status == JobStatus.FINISHED:  # the image itself
                     return _result_response(job, None)
                 return JSONResponse(describe(job), status_code=200)
+            body["status"] = describe(job)["status"]  # queued or started by now
         return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job_id}"})
 
-    async def _wait_for(job_id: str, seconds: float) -> Job | None:
-        """Block (in a thread, on BLPOP) until the worker announces the job's end; the job if it
-        ended (finished, failed or canceled) in time, else None."""
+    async def _wait_for(job_id: str, seconds: float) -> Job:
+        """Block (in a thread, on BLPOP) until the worker announces the job's end or ``seconds``
+        pass; the job as it is then."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             # short BLPOP rounds: the client's socket timeout must not fire while Redis blocks
             timeout = min(max(left, 0.01), 3)
             if await asyncio.get_running_loop().run_in_executor(waiters, redis.blpop, [done_key(job_id)], timeout):
                 break
-        job = Job.fetch(job_id, connection=redis)
-        ended = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED)
-        return job if job.get_status(refresh=False) in ended else None
+        return await asyncio.get_running_loop().run_in_executor(waiters, Job.fetch, job_id, redis)
 
     def _result_response(job: Job, alpha: float | None) -> Response:
         result = job.return_value() or {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -57,11 +58,16 @@ class UpscaleOptions:
     color_fix: str
 
 
+#: Plain ASCII decimals: Python's float()/int() also take Unicode digits ("٠.٥") and underscores
+#: ("1_0"), which no client means and no other implementation of this API would accept.
+DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def parse_alpha(raw: Any) -> float:
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise APIError(422, "invalid_alpha", f"alpha must be a number in [0, 1], got {str(raw)[:32]!r}") from None
+    if not isinstance(raw, str) or not DECIMAL.fullmatch(raw.strip()):
+        raise APIError(422, "invalid_alpha", f"alpha must be a number in [0, 1], got {str(raw)[:32]!r}")
+    value = float(raw)
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise APIError(422, "invalid_alpha", f"alpha must be in [0, 1], got {str(raw)[:32]}")
     return value + 0.0  # -0.0 → 0.0: "-0" would otherwise get its own label ("-0") next to "0"
@@ -80,10 +86,10 @@ def parse_options(form: Any, settings: Settings) -> UpscaleOptions:
     fmt = str(form.get("format") or "png").lower()
     if fmt not in OUTPUT_FORMATS:
         raise APIError(422, "invalid_format", f"format must be one of {', '.join(OUTPUT_FORMATS)}")
-    try:
-        quality = int(form.get("quality") or 90)
-    except (TypeError, ValueError):
-        raise APIError(422, "invalid_quality", "quality must be an integer in [1, 100]") from None
+    raw_quality = form.get("quality") or "90"
+    if not isinstance(raw_quality, str) or not INTEGER.fullmatch(raw_quality.strip()):
+        raise APIError(422, "invalid_quality", "quality must be an integer in [1, 100]")
+    quality = int(raw_quality)
     if not 1 <= quality <= 100:
         raise APIError(422, "invalid_quality", "quality must be an integer in [1, 100]")
     color_fix = str(form.get("color_fix") or "wavelet")

@@ -330,6 +330,10 @@ CASES = [
     case("invalid_quality", 422, quality="101"),
     case("invalid_quality", 422, quality="x"),
     case("invalid_quality", 422, quality="1.5"),
+    case("invalid_quality", 422, quality="9_0"),  # int() takes underscores
+    case("invalid_quality", 422, quality="\u0669\u0660"),  # Arabic-Indic "90": int() takes it
+    case("invalid_alpha", 422, alphas=("\u0660.\u0665",)),  # Arabic-Indic "0.5": float() takes it
+    case("invalid_alpha", 422, alphas=("0.2_5",)),
     case("invalid_color_fix", 422, color_fix="foo"),
     # 4100 px wide → 16400 px out: WebP holds 16383 a side, so no worker could ever encode it
     case("output_too_large_for_format", 422, encode(Image.new("RGB", (4100, 12)), "PNG"), format="webp"),
@@ -852,6 +856,50 @@ def test_canceling_a_queued_job_wakes_its_waiter_and_sends_its_webhook(stack: St
     assert response.status_code == 200 and response.json()["status"] == "canceled", response.text
     (record,) = [json.loads(r) for r in stack.redis.lrange(WEBHOOK_QUEUE_KEY, 0, -1)]
     assert (record["job_id"], record["status"], record["url"]) == (job_id, "canceled", hook)
+
+
+def test_waiters_past_the_cap_get_their_202_at_once(stack: Stack) -> None:
+    stack.settings.max_waiters = 1
+    stack.app = create_app(stack.settings, stack.redis)
+    stack.client = TestClient(stack.app, raise_server_exceptions=False)
+    first, replies = _submit_in_background(stack, data=VALID, headers={"Prefer": "wait=15"})
+    wait_for(lambda: stack.queue.count == 1, timeout=10, what="the first job to be queued")
+    time.sleep(0.3)  # the first request is now in its wait
+    started = time.monotonic()
+    second = stack.submit(VALID, headers={"Prefer": "wait=15"})
+    assert second.status_code == 202 and time.monotonic() - started < 3, "a waiter past the cap was kept waiting"
+    assert first.is_alive(), "the first request should still be waiting"
+    stack.run_worker()
+    first.join(timeout=20)
+    assert replies[0].status_code == 200
+
+
+def test_only_ctsr_jobs_are_jobs(stack: Stack) -> None:
+    """On a Redis shared with other RQ applications, their jobs are not ours to show or cancel."""
+    other = Queue("reports", connection=stack.redis).enqueue("os.getcwd")
+    assert_error(stack.client.get(f"/jobs/{other.id}"), 404, "unknown_job")
+    assert_error(stack.client.delete(f"/jobs/{other.id}"), 404, "unknown_job")
+    assert Job.fetch(other.id, connection=stack.redis).get_status() == JobStatus.QUEUED
+
+
+def test_a_full_queue_is_refused_before_the_body_is_read(stack: Stack) -> None:
+    stack.settings.max_queue_depth = 1
+    stack.app = create_app(stack.settings, stack.redis)
+    stack.client = TestClient(stack.app, raise_server_exceptions=False)
+    stack.accepted(VALID)
+    read: list[int] = []
+
+    def body():  # a generator body: how much of it the gateway pulled
+        for _ in range(64):
+            read.append(1)
+            yield b"x" * 1024
+
+    response = stack.client.post(
+        "/upscale", content=body(), headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert_error(response, 429, "queue_full")
+    assert response.headers["Retry-After"] == "10"
+    assert len(read) <= 2, f"the gateway read {len(read)} KiB of a body it was going to refuse"
 
 
 def test_prefer_wait_is_capped(stack: Stack) -> None:
