@@ -328,6 +328,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     def _result_response(job: Job, alpha: float | None) -> Response:
         result = job.return_value() or {}
         outputs: dict[str, str] = result.get("outputs", {})
+        if alpha is None and len(outputs) > 1:  # a sweep: which member is the caller's to say
+            raise APIError(422, "alpha_required", f"this job made a sweep; add ?alpha= one of {', '.join(outputs)}")
         label = alpha_label(alpha) if alpha is not None else next(iter(outputs), None)
         if label not in outputs:
             raise APIError(404, "unknown_alpha", f"this job has results for alpha {', '.join(outputs)}")
@@ -376,12 +378,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             return JSONResponse({"id": job.id, "status": "canceled"})
         raise APIError(409, "already_finished", f"the job is already {status.value if status else 'gone'}")
 
-    @app.get("/livez", summary="The process is up", responses=ROUTE_RESPONSES["GET /livez"])
+    @app.api_route(
+        "/livez", methods=["GET", "HEAD"], summary="The process is up", responses=ROUTE_RESPONSES["GET /livez"]
+    )
     def livez() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get(
+    @app.api_route(
         "/readyz",
+        methods=["GET", "HEAD"],
         summary="Redis answers and a warmed-up worker heart-beats",
         responses=ROUTE_RESPONSES["GET /readyz"],
     )
@@ -395,8 +400,9 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return JSONResponse({"status": "ok" if ready else "no_workers", "redis": True, "workers": workers},
                             status_code=200 if ready else 503)  # fmt: skip
 
-    @app.get(
+    @app.api_route(
         "/metrics",
+        methods=["GET", "HEAD"],
         summary="Prometheus metrics",
         response_class=Response,  # no JSON default: 200 is text/plain, errors stay JSON
         responses=ROUTE_RESPONSES["GET /metrics"],

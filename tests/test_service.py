@@ -224,10 +224,8 @@ def test_upload_poll_download(stack: Stack) -> None:
     assert diffs[0.5] <= 1, diffs
     assert diffs[0.0] > 1 and diffs[1.0] > 1, diffs
 
-    default = stack.result(job_id)  # no alpha: the first one asked for
-    assert default.status_code == 200
-    assert default.headers["x-ctsr-alpha"] == "0"
-    assert default.content == results[0.0]
+    error = assert_error(stack.result(job_id), 422, "alpha_required")  # a sweep: no silent pick
+    assert "0, 0.5, 1" in error["message"]
     # the input is consumed, the outputs live with a TTL
     assert not stack.redis.exists(input_key(job_id))
     for alpha in (0.0, 0.5, 1.0):
@@ -714,8 +712,11 @@ def test_a_failing_forward_pass_is_retried_one_job_at_a_time(stack: Stack, monke
     monkeypatch.setattr(stack.engine.upscaler, "run", poisoned_run)
     healthy = [stack.accepted(jpeg(40, 33)), stack.accepted(jpeg(24, 20))]
     poisoned = stack.accepted(jpeg(37, 30))
-    stack.run_worker()
+    worker = stack.run_worker()
     assert calls[0] == 3, "the three jobs did not share the first forward passes"
+    jobs = {o: worker.metrics.registry.get_sample_value("ctsr_worker_jobs_total", {"outcome": o}) for o in
+            ("finished", "failed", "retrying")}  # fmt: skip
+    assert jobs == {"finished": 2, "failed": 1, "retrying": 2}, "one count per job, its retries apart"
     for job_id in healthy:
         body = stack.status(job_id)
         assert body["status"] == "finished", body
@@ -730,6 +731,10 @@ def test_livez_and_readyz(stack: Stack) -> None:
     live = stack.client.get("/livez")
     assert live.status_code == 200
     assert live.json() == {"status": "ok"}
+    for path in ("/livez", "/metrics"):  # load balancers and uptime checkers probe with HEAD
+        head = stack.client.head(path)
+        assert head.status_code == 200 and head.content == b"", path
+    assert stack.client.head("/readyz").status_code == 503
     not_ready = stack.client.get("/readyz")
     assert not_ready.status_code == 503
     assert not_ready.json()["workers"] == 0

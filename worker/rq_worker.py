@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from rq import Queue
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
@@ -228,8 +228,10 @@ class BatchWorker(SimpleWorker):
         if isinstance(exc, FINAL_ERRORS):
             job.retries_left = 0
             self.store.delete(input_key(job.id))  # nothing will read it again
-        self.metrics.jobs.labels("expired" if isinstance(exc, JobExpired) else "failed").inc()
         self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
+        # one count per job, not per attempt: an attempt that RQ will retry is "retrying"
+        final = job.get_status(refresh=False) == JobStatus.FAILED
+        self.metrics.jobs.labels("expired" if isinstance(exc, JobExpired) else "failed" if final else "retrying").inc()
         self._announce(job)
 
     def _announce(self, job: Job) -> None:
