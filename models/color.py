@@ -20,8 +20,6 @@ from .defaults import COLOR_FIXES
 from .errors import ConfigError
 
 WAVELET_LEVELS = 5
-#: HR pixels of context the wavelet fix reads on each side (sum of the blur dilations).
-WAVELET_RADIUS = sum(2**i for i in range(WAVELET_LEVELS))
 
 
 def check_color_fix(name: str) -> str:

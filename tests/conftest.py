@@ -164,10 +164,10 @@ def count_calls(
 
 # -- CLI ------------------------------------------------------------------------------------------
 def run_cli(
-    *args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 120
+    *args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """``python -m ctsr.cli ARGS`` in a real subprocess (the interpreter running the tests)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "ctsr.cli", *map(str, args)],
         capture_output=True,

@@ -278,3 +278,16 @@ def test_model_init_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert not (tmp_path / "x").exists()
     assert main(["model", "init", "--arch", "compact", "--overwrite", str(taken)]) == 0
     assert (taken / "config.json").is_file() and not (taken / "file").exists()
+
+
+def test_worker_with_its_metrics_port_taken_says_so_in_one_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"CTSR_REDIS_URL": "redis://127.0.0.1:1/0", "CTSR_WORKER_METRICS_PORT": str(port)}
+        done = run_cli("worker", env=env)
+    assert done.returncode != 0
+    assert_one_line_error(done.stderr, f"127.0.0.1:{port}", "CTSR_WORKER_METRICS_PORT")

@@ -74,8 +74,6 @@ OPERATIONS = [
     ("GET", "/readyz"),
     ("GET", "/metrics"),
 ]
-#: Operations whose OpenAPI entry does not (yet) declare the answers they give (none now).
-UNDECLARED: dict[str, str] = {}
 #: CTSR_FUZZ_EXAMPLES=N: a deeper, random (not derandomized) run, e.g. 500 before a release.
 DEEP = os.environ.get("CTSR_FUZZ_EXAMPLES")
 MAX_EXAMPLES = int(DEEP) if DEEP else 50
@@ -414,16 +412,7 @@ class Seen:
         )
 
 
-CONFORMANCE_PARAMS = [
-    pytest.param(
-        *op,
-        id=op_id(op),
-        marks=[pytest.mark.xfail(strict=False, reason=f"app.py: {UNDECLARED[op_id(op)]}")]
-        if op_id(op) in UNDECLARED
-        else [],
-    )
-    for op in OPERATIONS
-]
+CONFORMANCE_PARAMS = [pytest.param(*op, id=op_id(op)) for op in OPERATIONS]
 
 
 @pytest.mark.parametrize(("method", "path"), CONFORMANCE_PARAMS)

@@ -162,6 +162,16 @@ def test_alpha_label(alpha: float, label: str) -> None:
     assert output_key(job_id, float(label)) == output_key(job_id, alpha)  # what process_jobs relies on
 
 
+def test_payload_reading_tolerates_other_versions() -> None:
+    """A rolling deploy: a newer gateway's extra field, an older one's missing field."""
+    newer = {**JobPayload(new_job_id(), [0.5]).to_dict(), "priority": "high", "version": 2}
+    assert JobPayload.from_dict(newer).alphas == [0.5]
+    older = JobPayload(new_job_id(), [0.25], webhook="https://example.com/").to_dict()
+    del older["webhook"], older["version"]
+    read = JobPayload.from_dict(older)
+    assert read.webhook is None and read.version == 1
+
+
 def test_payload_round_trip() -> None:
     payload = JobPayload(new_job_id(), [0.0, 0.5], "webp", 80, "adain", 40, 33, deadline=123.0)
     again = JobPayload.from_dict(payload.to_dict())

@@ -12,6 +12,7 @@ from rq import Queue
 
 from ctsr.blobs import open_blob_store
 from ctsr.settings import Settings
+from models.errors import CTSRError
 
 from .engine import BatchEngine
 from .metrics import WorkerMetrics
@@ -26,7 +27,15 @@ def run_worker(settings: Settings, burst: bool = False, name: str | None = None)
     redis = Redis.from_url(settings.redis_url)
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
+        where = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+        try:
+            start_http_server(settings.worker_metrics_port, settings.worker_metrics_host, registry=metrics.registry)
+        except OSError as exc:
+            raise CTSRError(
+                f"the worker cannot serve its metrics on {where} ({exc.strerror or exc}); "
+                "set CTSR_WORKER_METRICS_PORT to a free port (0: no metrics server)"
+            ) from None
+        log.info("worker metrics on http://%s/metrics", where)
     engine = BatchEngine(settings)  # before registering: a model that fails to load never takes jobs
     queue = Queue(settings.queue, connection=redis)
     store = open_blob_store(settings.blob_store, redis, settings.blob_dir)

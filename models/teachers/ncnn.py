@@ -31,7 +31,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -147,10 +146,6 @@ def parse_param(text: str, source: str = "param") -> NcnnGraph:
     return NcnnGraph(layers, blob_count)
 
 
-def read_param(path: str | Path) -> NcnnGraph:
-    return parse_param(Path(path).read_text(encoding="utf-8"), source=str(path))
-
-
 # -- .bin -------------------------------------------------------------------------------------
 def _align4(n: int) -> int:
     return (n + 3) & ~3
@@ -210,10 +205,6 @@ def parse_weights(graph: NcnnGraph, data: bytes | memoryview, source: str = "bin
     if cursor.offset != len(cursor.data):
         raise NcnnError(f"{source}: {len(cursor.data) - cursor.offset} bytes left after the last layer's weights")
     return weights
-
-
-def read_weights(graph: NcnnGraph, path: str | Path) -> dict[str, list[np.ndarray]]:
-    return parse_weights(graph, Path(path).read_bytes(), source=str(path))
 
 
 # -- a torch interpreter for the graph (the reference the conversion is checked against) ---------
