@@ -53,7 +53,15 @@ class TileGrid:
         if 2 * overlap >= t:
             raise ConfigError(f"overlap {overlap} must be less than half the tile ({t})")
         stride = t - overlap
-        return cls(height, width, t, t, overlap, tuple(_starts(height, t, stride)), tuple(_starts(width, t, stride)))
+        # A side shorter than the tile gets a tile of its own length: padding it out to a whole
+        # tile would cost pixels that are thrown away (a 32×32 input priced as 128×128) and would
+        # change what the model sees at the border, so the result would differ from whole-image
+        # inference. Tiles of such images batch with other images of the same side.
+        th = round_up(height, multiple) if height <= t else t
+        tw = round_up(width, multiple) if width <= t else t
+        return cls(
+            height, width, th, tw, overlap, tuple(_starts(height, th, stride)), tuple(_starts(width, tw, stride))
+        )
 
     @property
     def padded(self) -> tuple[int, int]:

@@ -378,15 +378,12 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             return JSONResponse({"id": job.id, "status": "canceled"})
         raise APIError(409, "already_finished", f"the job is already {status.value if status else 'gone'}")
 
-    @app.api_route(
-        "/livez", methods=["GET", "HEAD"], summary="The process is up", responses=ROUTE_RESPONSES["GET /livez"]
-    )
+    @app.get("/livez", summary="The process is up", responses=ROUTE_RESPONSES["GET /livez"])
     def livez() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route(
+    @app.get(
         "/readyz",
-        methods=["GET", "HEAD"],
         summary="Redis answers and a warmed-up worker heart-beats",
         responses=ROUTE_RESPONSES["GET /readyz"],
     )
@@ -400,9 +397,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         return JSONResponse({"status": "ok" if ready else "no_workers", "redis": True, "workers": workers},
                             status_code=200 if ready else 503)  # fmt: skip
 
-    @app.api_route(
+    @app.get(
         "/metrics",
-        methods=["GET", "HEAD"],
         summary="Prometheus metrics",
         response_class=Response,  # no JSON default: 200 is text/plain, errors stay JSON
         responses=ROUTE_RESPONSES["GET /metrics"],
@@ -411,6 +407,11 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         if settings.metrics_need_key:
             keys.identify(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # HEAD for load balancers and uptime checkers: the GET answer without its body (kept out of
+    # the schema, where it would be a second operation for generated clients to carry)
+    for path, probe in (("/livez", livez), ("/readyz", readyz), ("/metrics", prometheus)):
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/", include_in_schema=False)
     def web_page() -> FileResponse:

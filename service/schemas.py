@@ -171,7 +171,7 @@ ROUTE_RESPONSES: dict[str, dict[int | str, dict[str, Any]]] = {
         404: error("`unknown_job`, or `unknown_alpha`: the job made no result for that alpha"),
         409: error("`not_finished`: queued, started, failed or canceled"),
         410: error("`expired`: the job expired before it ran, or its result has been removed"),
-        422: error("`invalid_alpha`"),
+        422: error("`invalid_alpha`, or `alpha_required`: the job made a sweep and `alpha` picks its member"),
         503: UNAVAILABLE,
     },
     "DELETE /jobs/{job_id}": {

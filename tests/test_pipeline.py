@@ -44,7 +44,10 @@ def _coverage(grid: TileGrid, scale: int = 1) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize(("height", "width", "tile", "overlap", "multiple"), GRIDS)
 def test_grid_covers_every_pixel(height: int, width: int, tile: int, overlap: int, multiple: int) -> None:
     grid = TileGrid.plan(height, width, tile, overlap, multiple)
-    assert grid.tile_h == grid.tile_w == math.ceil(tile / multiple) * multiple
+    t = math.ceil(tile / multiple) * multiple
+    # a side shorter than the tile gets a tile of its own (rounded) length: no padding to a whole tile
+    assert grid.tile_h == (math.ceil(height / multiple) * multiple if height <= t else t)
+    assert grid.tile_w == (math.ceil(width / multiple) * multiple if width <= t else t)
     ph, pw = grid.padded
     assert (ph, pw) == (max(height, grid.tile_h), max(width, grid.tile_w))
     assert len(grid) == len(grid.boxes) == len(set(grid.boxes))
@@ -124,9 +127,9 @@ def test_tiled_output_equals_whole_image(runner: TileRunner, color_fix: str) -> 
 def test_tiles_of_different_images_share_batches(runner: TileRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     jobs = [
         UpscaleJob(photo_tensor(70, 53), (0.0, 1.0), "wavelet"),
-        UpscaleJob(photo_crop(30, 20, 40, 30), (0.5,), "none"),
-        UpscaleJob(photo_crop(5, 40, 20, 14), (0.25, 1.0), "adain"),
-    ]
+        UpscaleJob(photo_crop(30, 20, 40, 36), (0.5,), "none"),
+        UpscaleJob(photo_crop(5, 40, 36, 36), (0.25, 1.0), "adain"),
+    ]  # every tile 36×36: tiles batch by shape (a side under the tile gets its own, see below)
     upscaler = Upscaler(runner, tile=36, overlap=16, max_batch=8)
     tiles = [len(upscaler.canvas(job).grid) for job in jobs]
     assert tiles == [6, 2, 1]
@@ -146,14 +149,29 @@ def test_tiles_of_different_images_share_batches(runner: TileRunner, monkeypatch
     assert float((together[2][0] - together[2][1]).abs().max()) > 1e-2
 
 
-def test_image_smaller_than_tile(runner: TileRunner) -> None:
+def test_image_smaller_than_tile(runner: TileRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No padding to a whole tile: the model sees (and is charged for) the image itself, and the
+    result equals whole-image inference everywhere, borders included (what `ctsr eval` measures)."""
     image = photo_crop(11, 13, 21, 14)
+    shapes = count_calls(monkeypatch, runner.student, "generate", lambda lr, alphas, **kw: tuple(lr.shape[-2:]))
     (out,) = Upscaler(runner, tile=48, overlap=16).run([UpscaleJob(image, (0.0, 1.0), "wavelet")])
+    assert shapes.calls == [(14, 21)]
     assert out.shape == (2, 3, 56, 84)
-    assert torch.isfinite(out).all()
-    # away from the padded right/bottom edges it matches the unpadded whole-image result
     (whole,) = Upscaler(runner, tile=0).run([UpscaleJob(image, (0.0, 1.0), "wavelet")])
-    assert float((out[..., :24, :48] - whole[..., :24, :48]).abs().max()) <= 2 / 255
+    assert float((out - whole).abs().max()) <= 1e-5
+
+
+def test_image_narrower_than_tile_keeps_its_borders(runner: TileRunner) -> None:
+    """Longer than a tile one way, shorter the other: tiled only along the long side."""
+    image = photo_crop(3, 7, 90, 20)
+    upscaler = Upscaler(runner, tile=40, overlap=16)
+    grid = upscaler.canvas(UpscaleJob(image)).grid
+    assert (grid.tile_h, grid.tile_w, len(grid.ys)) == (20, 40, 1) and len(grid.xs) > 1
+    (out,) = upscaler.run([UpscaleJob(image, (0.5,), "wavelet")])
+    (whole,) = Upscaler(runner, tile=0).run([UpscaleJob(image, (0.5,), "wavelet")])
+    diff = (out - whole).abs()
+    assert float(diff[..., :4, :].max()) <= 2 / 255 and float(diff[..., -4:, :].max()) <= 2 / 255
+    assert float(diff.mean()) <= 0.5 / 255
 
 
 def test_canvas_refuses_partial_result(runner: TileRunner) -> None:

@@ -293,9 +293,6 @@ def probes(world: World, method: str, path: str) -> list[tuple[int, Any]]:
             return case(headers, body=body, media_type="multipart/form-data")
 
         return [
-            (202, upload(jpeg(16, 12))),
-            (202, upload(encode(photo(20, 15), "PNG"), format="webp", quality=80, color_fix="adain")),
-            (429, upload(jpeg(16, 12))),  # QUEUE_DEPTH (3) reached: the seeded job and the two above
             (400, upload(None)),
             (400, upload(b"")),
             (400, upload(jpeg(16, 12), webhook="https://example.com/hook")),  # no webhook secret set
@@ -305,6 +302,11 @@ def probes(world: World, method: str, path: str) -> list[tuple[int, Any]]:
             (422, upload(encode(photo(4, 4), "PNG"))),
             (422, upload(jpeg(16, 12), alpha=[2])),
             (422, upload(jpeg(16, 12), quality=0)),
+            (202, upload(jpeg(16, 12))),
+            (202, upload(encode(photo(20, 15), "PNG"), format="webp", quality=80, color_fix="adain")),
+            # QUEUE_DEPTH (3) reached by the seeded job and the two above; last, since a full queue
+            # is refused before the body is read (no validation answer after it)
+            (429, upload(jpeg(16, 12))),
         ]
     if (method, path) == ("GET", "/jobs/{job_id}"):
         return [
@@ -331,7 +333,7 @@ def probes(world: World, method: str, path: str) -> list[tuple[int, Any]]:
             )
 
         return [
-            (200, result("finished")),
+            (422, result("finished")),  # a sweep: alpha_required
             (200, result("finished", "1")),
             (200, result("finished_webp", "0.5")),
             (404, result("finished", "0.25")),
