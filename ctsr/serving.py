@@ -90,10 +90,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
         env["CTSR_MODEL"] = str(settings.model)
     if settings.worker_metrics_port and "CTSR_WORKER_METRICS_PORT" not in os.environ:
         # the one-command stack must not fail because some exporter holds the default port
-        env["CTSR_WORKER_METRICS_PORT"] = str(free_port(settings.worker_metrics_host))
-        log.info(
-            "worker metrics on http://%s:%s/metrics", settings.worker_metrics_host, env["CTSR_WORKER_METRICS_PORT"]
-        )
+        env["CTSR_WORKER_METRICS_PORT"] = str(free_port(settings.worker_metrics_host))  # the worker logs it
     worker = subprocess.Popen([sys.executable, "-m", "ctsr.cli", "worker"], env=env)
     config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", **proxy_options(settings))
     server = uvicorn.Server(config)
