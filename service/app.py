@@ -24,6 +24,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
 from ctsr.blobs import open_blob_store
 from ctsr.contract import (
@@ -240,6 +241,10 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             form = await Request(request.scope, limited_receive(request.receive, limit)).form(
                 max_files=1, max_fields=32, max_part_size=4096
             )
+        except ClientDisconnect:  # the client went away mid-upload: nothing to answer, nothing stored
+            metrics.rejected.labels("client_disconnected").inc()
+            log.info("upload from %s: the client disconnected before its body ended", caller_id(request, owner))
+            return Response(status_code=400)
         except BodyTooLarge:
             metrics.rejected.labels("upload_too_large").inc()
             raise APIError(

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -195,3 +196,26 @@ def _get_ok(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_client_dropping_mid_upload_is_one_log_line_and_a_metric(redis: Any, tmp_path: Any) -> None:
+    import socket
+
+    port = free_port()
+    gateway = Proc(["gateway", "--port", str(port)], service_env(redis_url=f"unix://{redis.socket_file}"),
+                   tmp_path / "gateway.log")  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _get_ok(f"{url}/livez"), 60, what="the gateway")
+        part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n' + b"x" * 1000
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # promises 100 kB, sends 1 kB, leaves
+            sock.sendall(b"POST /upscale HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + part)  # fmt: skip
+            time.sleep(0.3)
+        wait_for(lambda: "disconnected" in gateway.output, 10, what="the log line")
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        assert 'ctsr_jobs_rejected_total{reason="client_disconnected"} 1.0' in metrics
+        assert "Traceback" not in gateway.output, gateway.output[-3000:]
+        assert redis.keys("ctsr:blob:*") == []
+    finally:
+        gateway.stop()
