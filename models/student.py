@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import StudentConfig
+from .errors import ConfigError
 
 
 class CTSRStudent(nn.Module):
@@ -118,6 +119,11 @@ class CTSRStudent(nn.Module):
         are trained through their decoder instead.
         """
         return None
+
+    def warm_start_velocity(self, teacher: nn.Module) -> None:
+        """Start stage 2's velocity from the fidelity teacher's network (``velocity_init``), where
+        the family's velocity has the teacher's architecture; others refuse."""
+        raise ConfigError(f"{self.family} cannot start its velocity from a teacher; unset velocity_init")
 
     @abstractmethod
     def trainable_parameters(self, stage: str, decoder: bool = False) -> list[nn.Parameter]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +227,61 @@ def test_rrdb_encoder_cache_resumes_encode_exactly() -> None:
         cached = student.encoder_cache(lr)
         assert set(cached) == {"feat", "trunk"} and cached["trunk"].shape[-2:] == lr.shape[-2:]
         assert torch.equal(student.encode_cached(cached), student.encode(lr))
+
+
+# -- rrdb with a branch velocity: the fidelity teacher's own last blocks -------------------------
+def _branch_student_and_teacher() -> tuple[models.CTSRStudent, torch.nn.Module]:
+    """A tiny branch student on a random prior, and a "fidelity teacher": the prior with its last
+    block and conv_body changed (as fine-tuning changes them), same tail."""
+    import copy
+
+    torch.manual_seed(3)
+    student = models.build_student(load_preset("rrdb-tiny-branch")).eval()
+    teacher = copy.deepcopy(student.net)
+    from models.archs.lora import merge_and_strip
+
+    merge_and_strip(teacher, "student")  # adapters are zero: the prior itself
+    with torch.no_grad():
+        for p in [*teacher.body[-1].parameters(), *teacher.conv_body.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    return student, teacher.eval()
+
+
+def test_rrdb_branch_untrained_leaves_alpha_without_effect() -> None:
+    student, _ = _branch_student_and_teacher()
+    lr = _lr("rrdb", 2)
+    with torch.no_grad():
+        sweep = student.sweep(lr, [0.0, 0.5, 1.0])
+    assert torch.equal(sweep[0], sweep[1]) and torch.equal(sweep[0], sweep[2])
+
+
+def test_rrdb_branch_warm_start_puts_alpha_1_on_the_fidelity_teacher() -> None:
+    student, teacher = _branch_student_and_teacher()
+    lr = _lr("rrdb", 2)
+    with torch.no_grad():
+        prior_out = student(lr, 0.0)
+        student.warm_start_velocity(teacher)
+        ends = student(lr, torch.tensor([0.0, 1.0]))
+        halfway = student(lr, 0.5)
+    assert _max_diff(ends[0], prior_out[0]) <= 1e-6  # alpha = 0 untouched
+    assert _max_diff(ends[1], teacher(lr)[1]) <= 1e-5  # alpha = 1 is the teacher (it shares the tail here)
+    assert _max_diff(halfway, prior_out) > 1e-3 and _max_diff(halfway, teacher(lr)) > 1e-3
+    with pytest.raises(models.ConfigError, match="architecture"):
+        student.warm_start_velocity(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(models.ConfigError, match="velocity_init"):
+        make_compact().warm_start_velocity(teacher)
+
+
+def test_rrdb_branch_round_trips_merges_and_shares_the_trunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    student, teacher = _branch_student_and_teacher()
+    perturb_lora(student)
+    student.warm_start_velocity(teacher)
+    lr = _lr("rrdb", 2)
+    with torch.no_grad():
+        before = student.sweep(lr, [0.0, 0.5, 1.0])
+    loaded = models.load_student(student.save_pretrained(tmp_path / "b")).eval()
+    loaded.prepare_for_inference()
+    trunk = count_calls(monkeypatch, loaded.net.conv_first, "forward", lambda x: x.shape[0])
+    with torch.no_grad():
+        assert _max_diff(loaded.sweep(lr, [0.0, 0.5, 1.0]), before) <= 1e-5
+    assert trunk.calls == [2]

@@ -397,3 +397,24 @@ def test_critic_judges_every_pixel_of_any_size() -> None:
     assert float(loss.detach()) < first * 0.7, (first, float(loss.detach()))
     a, b = critic(real)[1], critic(fake)[1]
     assert feature_matching(a, a).abs().max() == 0 and (feature_matching(a, b) > 0).all()
+
+
+def test_rrdb_branch_stage2_starts_from_the_fidelity_teacher(pairs: PairSet, tmp_path: Path) -> None:
+    """velocity_init: the branch starts as the fidelity teacher's last blocks, then trains."""
+    from models import build_student, load_student
+    from models.presets import load_preset
+    from models.teachers.fidelity import FidelityTeacher
+
+    torch.manual_seed(0)
+    start = build_student(load_preset("rrdb-tiny-branch")).save_pretrained(tmp_path / "start")
+    teacher = FidelityTeacher({"num_feat": 16, "num_block": 3, "num_grow_ch": 8}).save_pretrained(tmp_path / "fid")
+    config = _config(pairs, tmp_path / "s2", stage="stage2", init=str(start), fidelity_teacher=str(teacher),
+                     velocity_init="fidelity_teacher", steps=20, lr=2e-3, crop=8, loss={"fidelity": 1.0},
+                     alpha_ends=[0.0, 1.0])  # fmt: skip
+    trained = load_student(train(config, progress=False))
+    fidelity = _terms(tmp_path / "s2", "fidelity")
+    assert fidelity[-1] < fidelity[0] * 0.9, fidelity
+    branch, source = trained.velocity_net, FidelityTeacher.from_pretrained(teacher).net
+    assert 0.5 < branch.gain.item() < 1.5  # warm-started at 1 (an untrained branch has 0)
+    drift = (branch.conv_body.weight.detach() - source.conv_body.weight).abs().max()
+    assert 0 < drift.item() < 0.5  # it trained, starting from the teacher's weights

@@ -7,8 +7,14 @@ family maps CTSR's parts onto it:
 * encode   = the prior's trunk (conv_first → RRDBs → conv_body, + the global skip), frozen, with
   peft LoRA adapters (stage 1) on its last ``lora_blocks`` RRDBs and conv_body. ``z0`` is the
   trunk's 64-channel feature map at LR resolution: the "latent".
-* velocity = a small stack of residual dense blocks on ``z0`` (stage 2) whose last conv starts at
-  zero, so an untrained velocity leaves every alpha at the alpha = 0 output.
+* velocity = ``velocity: "rdb"``: a small stack of residual dense blocks on ``z0`` (stage 2) whose
+  last conv starts at zero, so an untrained velocity leaves every alpha at the alpha = 0 output.
+  ``velocity: "branch"``: a second copy of the adapted part of the trunk (the last ``lora_blocks``
+  RRDBs and conv_body) run on the same un-adapted trunk features, warm-started in stage 2 from the
+  fidelity teacher's own blocks (it shares the prior's architecture) and trained. Its output is the
+  fidelity end's features, so ``v = gain · (z_branch − z)``, with ``gain`` 0 until stage 2 starts.
+  The branch needs the trunk's intermediate features, so its latent carries them: ``z0`` is
+  ``[z, trunk, shallow]`` (3 × num_feat channels at LR size) and the velocity moves only ``z``.
 * decode   = the prior's upsampling tail (two nearest ×2 + conv stages, conv_hr, conv_last), with
   stage-1 adapters.
 
@@ -23,6 +29,7 @@ the checkpoint.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +68,9 @@ class RRDBArch:
     lora_blocks: int = 2
     velocity_blocks: int = 4
     velocity_growth: int = 32
+    #: ``rdb`` (dense blocks on z0; velocity_blocks/velocity_growth) or ``branch`` (the fidelity
+    #: teacher's last lora_blocks RRDBs + conv_body, trained; see the module docstring).
+    velocity: str = "rdb"
 
     def __post_init__(self) -> None:
         for name in ("lora_rank", "velocity_blocks", "velocity_growth"):
@@ -68,6 +78,10 @@ class RRDBArch:
                 raise ValueError(f"{name} must be a positive integer")
         if not isinstance(self.lora_blocks, int) or self.lora_blocks < 0:
             raise ValueError("lora_blocks must be a non-negative integer")
+        if self.velocity not in ("rdb", "branch"):
+            raise ValueError(f"velocity must be 'rdb' or 'branch', not {self.velocity!r}")
+        if self.velocity == "branch" and self.lora_blocks < 1:
+            raise ValueError("velocity 'branch' re-runs the adapted blocks: lora_blocks must be >= 1")
 
 
 def _named_prior(name: str) -> RRDBNet:
@@ -92,6 +106,26 @@ class VelocityNet(nn.Module):
         return self.out(self.blocks(z0))
 
 
+class FidelityBranch(nn.Module):
+    """The fidelity end's version of the trunk's last blocks: ``v = gain · (z_branch − z)``.
+
+    Built as a copy of the prior's blocks; :meth:`RRDBStudent.warm_start_velocity` loads the
+    fidelity teacher's and sets ``gain`` to 1 (until then it is 0: alpha has no effect).
+    """
+
+    def __init__(self, prior: RRDBNet, first_block: int) -> None:
+        super().__init__()
+        self.features = prior.num_feat
+        self.body = copy.deepcopy(prior.body[first_block:])
+        self.conv_body = copy.deepcopy(prior.conv_body)
+        self.gain = nn.Parameter(torch.zeros(()))
+
+    def forward(self, z0: torch.Tensor) -> torch.Tensor:
+        z, trunk, shallow = z0.split(self.features, dim=1)
+        v = self.gain * (shallow + self.conv_body(self.body(trunk)) - z)
+        return torch.cat([v, torch.zeros_like(trunk), torch.zeros_like(shallow)], dim=1)
+
+
 @ARCH_REGISTRY.register("rrdb")
 class RRDBStudent(CTSRStudent):
     family = "rrdb"
@@ -107,6 +141,12 @@ class RRDBStudent(CTSRStudent):
         self.net = prior.requires_grad_(False)
         #: The first RRDB the stage-1 adapters touch; blocks before it are the prior's own.
         self.adapted_from = prior.num_block - a.lora_blocks
+        self.features = prior.num_feat
+        self.velocity_net: nn.Module
+        if a.velocity == "branch":  # copied before the adapters go in: the branch has none
+            self.velocity_net = FidelityBranch(prior, self.adapted_from)
+        else:
+            self.velocity_net = VelocityNet(prior.num_feat, a.velocity_blocks, a.velocity_growth)
         patterns = ["conv_body", *TAIL]
         if a.lora_blocks:
             blocks = "|".join(str(b) for b in range(self.adapted_from, prior.num_block))
@@ -115,7 +155,6 @@ class RRDBStudent(CTSRStudent):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft: "already has an adapter" style notices
             inject_adapter_in_model(lora_config(a.lora_rank, f"^(?:{targets})$"), self.net, adapter_name="student")
-        self.velocity_net = VelocityNet(prior.num_feat, a.velocity_blocks, a.velocity_growth)
         self.merged = False
 
     # -- the three stages -----------------------------------------------------------------------
@@ -127,6 +166,7 @@ class RRDBStudent(CTSRStudent):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         net = self.net
+        z = z[:, : self.features]  # a branch latent also carries the trunk's inputs (see the docstring)
         feat = F.leaky_relu(net.conv_up1(F.interpolate(z, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
         feat = F.leaky_relu(net.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
         return net.conv_last(F.leaky_relu(net.conv_hr(feat), LRELU_SLOPE))
@@ -139,7 +179,27 @@ class RRDBStudent(CTSRStudent):
 
     def encode_cached(self, cached: dict[str, torch.Tensor]) -> torch.Tensor:
         net = self.net
-        return cached["feat"] + net.conv_body(net.body[self.adapted_from :](cached["trunk"]))
+        z = cached["feat"] + net.conv_body(net.body[self.adapted_from :](cached["trunk"]))
+        if self.arch.velocity == "branch":
+            return torch.cat([z, cached["trunk"], cached["feat"]], dim=1)
+        return z
+
+    def warm_start_velocity(self, teacher: nn.Module) -> None:
+        """Branch velocity: start from the fidelity teacher's own last blocks (same architecture as
+        the prior), so alpha = 1 begins at (nearly) the teacher and training closes the rest."""
+        branch = self.velocity_net
+        if not isinstance(branch, FidelityBranch):
+            raise ConfigError("rrdb: velocity_init needs arch.velocity 'branch'")
+        if (
+            not isinstance(teacher, RRDBNet)
+            or teacher.num_feat != self.features
+            or len(teacher.body) != len(self.net.body)
+        ):
+            raise ConfigError("rrdb: the fidelity teacher does not share the prior's architecture")
+        with torch.no_grad():
+            branch.body.load_state_dict(teacher.body[self.adapted_from :].state_dict())
+            branch.conv_body.load_state_dict(teacher.conv_body.state_dict())
+            branch.gain.fill_(1.0)
 
     def trainable_parameters(self, stage: str, decoder: bool = False) -> list[nn.Parameter]:
         if self.merged:

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..pipeline import TileRunner, UpscaleJob, Upscaler
 from ..student import CTSRStudent
 from ..teachers.base import Teacher
+from ..teachers.loading import teacher_network
 from . import report
 from .levels import LEVELS
 from .metrics import psnr, ssim
@@ -90,7 +91,7 @@ def interpolated_network(realness: Teacher, fidelity: Teacher, alpha: float) -> 
     Both teachers are RRDBNets of one shape (the fidelity teacher is fine-tuned from Real-ESRGAN),
     which is what makes their weights interpolable; this is the ``-dn`` control of Real-ESRGAN.
     """
-    nets = [_rrdbnet(t) for t in (realness, fidelity)]
+    nets = [teacher_network(t) for t in (realness, fidelity)]
     state_f = nets[1].state_dict()
     mixed = {k: torch.lerp(v.float(), state_f[k].float(), alpha) for k, v in nets[0].state_dict().items()}
     net = copy.deepcopy(nets[0])
@@ -101,13 +102,6 @@ def interpolated_network(realness: Teacher, fidelity: Teacher, alpha: float) -> 
             return net(lr.to(next(net.parameters()).dtype)).float().clamp(0, 1)
 
     return run
-
-
-def _rrdbnet(teacher: Teacher) -> torch.nn.Module:
-    net = getattr(teacher, "net", None) or getattr(getattr(teacher, "model", None), "net", None)
-    if net is None:
-        raise ConfigError(f"teacher {teacher.name}: network interpolation needs an RRDBNet teacher")
-    return net
 
 
 def student_method(name: str, several: bool) -> str:

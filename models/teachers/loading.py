@@ -39,6 +39,15 @@ def load_teacher(spec: str, device: torch.device | str = "cpu", dtype: torch.dty
     return FidelityTeacherAdapter(FidelityTeacher.from_pretrained(path)).to(device, dtype)
 
 
+def teacher_network(teacher: Teacher) -> torch.nn.Module:
+    """The RRDBNet inside a loaded teacher (both teachers share its architecture, which is what
+    network interpolation and warm-starting a student's blocks from a teacher rely on)."""
+    net = getattr(teacher, "net", None) or getattr(getattr(teacher, "model", None), "net", None)
+    if net is None:
+        raise ConfigError(f"teacher {teacher.name}: not an RRDBNet teacher")
+    return net
+
+
 def teacher_name(spec: str) -> str:
     """The name :func:`load_teacher` would give, without loading it (cache keys need it first)."""
     if spec == REALESRGAN:

@@ -63,6 +63,9 @@ class TrainConfig:
     teacher_options: dict[str, Any] = field(default_factory=dict)  # fidelity_teacher: RRDBNet options
     loss: LossWeights = field(default_factory=LossWeights)
     train_decoder: bool = False  # stage2: adapt the decoder too (compact)
+    #: stage2: "fidelity_teacher" starts the velocity from the fidelity teacher's own blocks
+    #: (rrdb with arch.velocity "branch"); null: from the model's own initialisation.
+    velocity_init: str | None = None
     #: stage2: probabilities that a sample's alpha is exactly 0 and exactly 1; the rest is uniform
     #: in (0, 1). [0.5, 0.5] trains only the two ends.
     alpha_ends: tuple[float, float] = (0.0, 0.25)
@@ -98,6 +101,8 @@ class TrainConfig:
             raise ConfigError(f"{self.stage} needs 'init' (a preset or checkpoint to start from)")
         if self.stage == "stage2" and not self.fidelity_teacher:
             raise ConfigError("stage2 needs 'fidelity_teacher' (the velocity points at its outputs)")
+        if self.velocity_init not in (None, "fidelity_teacher"):
+            raise ConfigError(f"velocity_init must be 'fidelity_teacher' or null, not {self.velocity_init!r}")
         if self.stage == "stage1" and self.loss.fidelity and not self.fidelity_teacher:
             raise ConfigError("loss.fidelity > 0 needs 'fidelity_teacher'")
         self.alpha_ends = tuple(self.alpha_ends)

@@ -220,6 +220,11 @@ class VelocityStage(_StudentStage):
         if self.w.realness or self.w.realness_spectrum:
             self.teachers["t_real"] = "realness_teacher"
         self.gen = torch.Generator().manual_seed(config.seed)  # the alpha sampler; saved with checkpoints
+        if config.velocity_init == "fidelity_teacher":  # a resumed run then loads its own weights over it
+            from ..teachers.loading import load_teacher, teacher_network
+
+            assert config.fidelity_teacher is not None
+            student.warm_start_velocity(teacher_network(load_teacher(config.fidelity_teacher)))
 
     def input_cache(self) -> list[CacheLevel]:
         if not self.student.cacheable_latent:
