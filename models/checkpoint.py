@@ -7,11 +7,14 @@ corrupt weight file, tensors that do not fit the architecture) surfaces as one
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import errno
 import hashlib
+import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,56 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the platform or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+    """The one checkpoint writer (students and teachers): ``fill(staging)`` writes every file into
+    a fresh folder beside ``folder``, which then replaces it in one atomic exchange, so at every
+    instant ``folder`` holds the whole old checkpoint or the whole new one, never a mix or nothing.
+    (Without ``renameat2``: the old folder is renamed aside first and removed last.)"""
+    folder = Path(folder).resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        fill(staging)
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        if not folder.exists():
+            staging.rename(folder)
+        elif _exchange(staging, folder):
+            shutil.rmtree(staging)  # now the old checkpoint
+        else:
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            staging.rename(folder)
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, on the CPU, stamped with the checkpoint format version."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(cpu, str(path), metadata={"ctsr_format_version": str(FORMAT_VERSION)})
+
+
 def build_student(config: StudentConfig, **options: Any) -> CTSRStudent:
     """A freshly initialised student for ``config`` (the starting point for training and tests)."""
     cls = ARCH_REGISTRY.get(config.family)
@@ -50,23 +103,13 @@ def save_student(student: CTSRStudent, folder: str | Path, provenance: dict[str,
         "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__.split("+")[0],
     }
-    folder = folder.resolve()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         for name, tensors in student.state_files().items():
-            cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-            save_file(cpu, str(staging / name), metadata={"ctsr_format_version": str(FORMAT_VERSION)})
+            save_tensors(tensors, staging / name)
         config.save(staging)
-        staging.chmod(0o755)
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    folder = write_folder_atomically(folder, fill)
     student.config = config
     return folder
 

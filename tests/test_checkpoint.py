@@ -336,3 +336,51 @@ def test_rrdb_unknown_prior_is_a_clear_error(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unknown prior 'esrgan-x8'"):
         load_student(folder)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_one_atomic_writer_replaces_a_checkpoint_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    from models import checkpoint
+
+    swaps: list[bool] = []
+    real = checkpoint._exchange
+    # without it: the fallback where renameat2 is missing or the filesystem refuses it
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: swaps.append(exchange) or (exchange and real(a, b)))
+    first, second = make_compact(seed=1), make_compact(seed=2)
+    folder = save_student(first, tmp_path / "ckpt")
+    inode = folder.stat().st_ino
+    save_student(second, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging or old copy left
+    assert folder.stat().st_ino != inode  # a new folder took the name; nothing was edited in place
+    _assert_same_tensors(second.state_dict(), load_student(folder).state_dict())
+    assert swaps == [exchange]
+
+    def crash(*_: object) -> None:
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(second), "state_files", crash)
+        with pytest.raises(OSError, match="disk full"):
+            save_student(first, folder)
+    _assert_same_tensors(second.state_dict(), load_student(folder).state_dict())  # the old one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_the_fidelity_teacher_is_written_by_the_same_writer(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    from models.teachers.fidelity import FidelityTeacher
+
+    folder = FidelityTeacher({"num_feat": 8, "num_block": 1, "num_grow_ch": 4}).save_pretrained(tmp_path / "t")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["format_version"] == FORMAT_VERSION and config["kind"] == "teacher"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert f.metadata()["ctsr_format_version"] == str(FORMAT_VERSION)
+    config["format_version"] = FORMAT_VERSION + 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="newer"):
+        FidelityTeacher.from_pretrained(folder)

@@ -54,9 +54,10 @@ class FidelityTeacher(nn.Module):
             return self.net(lr.to(param.dtype)).float().clamp(0, 1)
 
     def save_pretrained(self, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
-        from safetensors.torch import save_file
+        """Written like a student checkpoint (:func:`models.checkpoint.write_folder_atomically`)."""
+        from ..checkpoint import save_tensors, write_folder_atomically
+        from ..config import FORMAT_VERSION
 
-        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.net.state_dict().items()}
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -67,15 +68,18 @@ class FidelityTeacher(nn.Module):
                 size = 0
             shards[-1][name] = tensor
             size += nbytes
-        for old in weight_files(folder):
-            old.unlink()
-        if len(shards) == 1:
-            save_file(shards[0], str(folder / WEIGHTS_NAME))
-        for i, shard in enumerate(shards if len(shards) > 1 else [], 1):
-            save_file(shard, str(folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"))
-        config = {"kind": "teacher", "name": "fidelity-rrdbnet", "options": self.options, "provenance": self.provenance}
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        return folder
+        config = {"format_version": FORMAT_VERSION, "kind": "teacher", "name": "fidelity-rrdbnet",
+                  "options": self.options, "provenance": self.provenance}  # fmt: skip
+
+        def fill(staging: Path) -> None:
+            names = [WEIGHTS_NAME] if len(shards) == 1 else [
+                f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+            ]  # fmt: skip
+            for name, shard in zip(names, shards, strict=True):
+                save_tensors(shard, staging / name)
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+        return write_folder_atomically(folder, fill)
 
     @classmethod
     def from_pretrained(cls, folder: Path) -> FidelityTeacher:
@@ -91,6 +95,10 @@ class FidelityTeacher(nn.Module):
             raise CheckpointError(f"{folder}: not a fidelity teacher checkpoint ({exc})") from None
         if config.get("kind") != "teacher":
             raise CheckpointError(f"{folder}: config.json is not a teacher's")
+        from ..config import FORMAT_VERSION
+
+        if int(config.get("format_version", 1)) > FORMAT_VERSION:
+            raise CheckpointError(f"{folder}: format {config['format_version']} is newer than this ctsr reads")
         teacher = cls(config.get("options"), config.get("provenance"))
         try:
             teacher.net.load_state_dict({k: v.float() for k, v in state.items()})
