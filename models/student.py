@@ -12,7 +12,7 @@ not clamped (callers clamp once, after blending tiles).
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,7 +24,7 @@ from .config import StudentConfig
 from .errors import ConfigError
 
 
-class CTSRStudent(nn.Module):
+class CTSRStudent(nn.Module, ABC):
     family: ClassVar[str]
     #: LR inputs must have sides that are a multiple of this; the pipeline pads to it.
     size_multiple: ClassVar[int] = 1

@@ -285,3 +285,17 @@ def test_rrdb_branch_round_trips_merges_and_shares_the_trunk(tmp_path: Path, mon
     with torch.no_grad():
         assert _max_diff(loaded.sweep(lr, [0.0, 0.5, 1.0]), before) <= 1e-5
     assert trunk.calls == [2]
+
+
+def test_a_family_must_implement_the_whole_interface() -> None:
+    class Half(models.CTSRStudent):  # no decode, no checkpoint contract
+        family = "half"
+
+        def encode(self, lr: torch.Tensor) -> torch.Tensor:
+            return lr
+
+        def velocity(self, z0: torch.Tensor) -> torch.Tensor:
+            return z0
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half(make_compact().config)
