@@ -65,6 +65,9 @@ def ready_key(worker_name: str) -> str:
 
 
 READY_PATTERN = f"{KEY_PREFIX}:ready:*"
+#: Jobs accepted by any gateway (a counter). Its INCR is the write the gateway's WAIT for replicas
+#: follows (CTSR_REDIS_MIN_REPLICA_ACKS).
+ACCEPTED_KEY = f"{KEY_PREFIX}:accepted"
 #: Webhook deliveries waiting for a gateway (a list of JSON records), and those waiting to retry
 #: (a sorted set scored by the unix time of the next attempt).
 WEBHOOK_QUEUE_KEY = f"{KEY_PREFIX}:webhooks"

@@ -81,11 +81,11 @@ def serve(settings: Settings, host: str, port: int) -> int:
     _logging()
     tmp = tempfile.TemporaryDirectory(prefix="ctsr-serve-")
     embedded = None
-    if not settings.redis_url:
+    if not settings.redis_url and not settings.redis_sentinels:
         embedded = start_embedded_redis(Path(tmp.name))
         settings.redis_url = f"unix://{embedded.socket_file}"
         log.info("embedded redis-server on %s", embedded.socket_file)
-    env = {**os.environ, "CTSR_REDIS_URL": settings.redis_url}
+    env = {**os.environ, **({"CTSR_REDIS_URL": settings.redis_url} if settings.redis_url else {})}
     if settings.model:
         env["CTSR_MODEL"] = str(settings.model)
     if settings.worker_metrics_port and "CTSR_WORKER_METRICS_PORT" not in os.environ:

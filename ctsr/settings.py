@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,17 @@ class Settings(BaseSettings):
 
     # -- shared ---------------------------------------------------------------------------------
     redis_url: str | None = None  # unset: `ctsr serve` starts an embedded redis-server
+    redis_password: SecretStr | None = None  # the data nodes' password (kept out of the URL: a secret)
+    #: "host:port" of each Redis Sentinel: clients then follow the primary of ``redis_sentinel_master``
+    #: through failovers (``redis_url`` is then unused).
+    redis_sentinels: list[str] = []
+    redis_sentinel_master: str = "ctsr"
+    redis_sentinel_password: SecretStr | None = None
+    #: What a 202 promises: the job is on the primary and on this many replicas (Redis WAIT). With
+    #: asynchronous replication a primary lost just after answering could otherwise take an
+    #: accepted job with it. 0: answer once the primary has it.
+    redis_min_replica_acks: int = Field(0, ge=0)
+    redis_replica_wait_ms: int = Field(1000, ge=1)  # how long an upload waits for those acks
     queue: str = "ctsr"
     blob_store: Literal["redis", "file"] = "redis"
     blob_dir: Path | None = None  # for blob_store=file: a folder shared by gateway and workers
@@ -30,6 +41,9 @@ class Settings(BaseSettings):
     max_side: int = Field(8192, ge=16)
     max_alphas: int = Field(8, ge=1)
     scale: int = Field(4, ge=1)  # the served model's factor (every bundled model is x4); workers check it
+    #: /readyz also waits for a warm worker. Set false where workers scale to zero (KEDA): gateways
+    #: must take uploads for the queue to grow and the autoscaler to start a worker.
+    ready_needs_worker: bool = True
     max_queue_depth: int = Field(256, ge=1)  # admission control: 429 beyond this
     max_queue_wait_s: int = Field(300, ge=1)  # a job not started by then becomes "expired"
     max_wait_s: int = Field(60, ge=0)  # cap on `Prefer: wait=N`
@@ -53,6 +67,15 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(5.0, gt=0)
     webhook_concurrency: int = Field(32, ge=1)  # deliveries in flight per gateway
     webhook_per_host: int = Field(4, ge=1)  # of which at most this many to one receiver (host:port)
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{entry!r}: name a sentinel as host:port, e.g. redis-sentinel-0:26379")
+        return entries
 
     @field_validator("webhook_allow_hosts")
     @classmethod

@@ -42,14 +42,15 @@ RUN python -c "from models.teachers.loading import realesrgan; realesrgan()" \
 WORKDIR /home/ctsr
 USER 10001:10001
 
-# Prometheus metrics (CTSR_WORKER_METRICS_PORT).
+# Prometheus metrics and the /livez, /readyz probes (CTSR_WORKER_METRICS_PORT).
 EXPOSE 9100
 
 # On SIGTERM the worker finishes the batch in hand, then exits: give it time (compose: stop_grace_period).
 STOPSIGNAL SIGTERM
 
+# Healthy = the model is loaded and warm and the worker takes jobs (/readyz on the metrics port).
 # Loading and warming the model can take minutes, hence the long start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('CTSR_WORKER_METRICS_PORT', '9100'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CTSR_WORKER_METRICS_PORT', '9100'), timeout=4)"]
 
 CMD ["ctsr", "worker"]

@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from ctsr.blobs import open_blob_store
 from ctsr.contract import (
+    ACCEPTED_KEY,
     JOB_FUNC,
     OUTPUT_FORMATS,
     READY_PATTERN,
@@ -43,6 +44,7 @@ from ctsr.contract import (
     new_job_id,
     progress_key,
 )
+from ctsr.redis_conn import connect, redis_configured
 from ctsr.settings import Settings
 
 from .access import API_CSP, PAGE_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, caller_id
@@ -88,12 +90,12 @@ UPLOAD_SCHEMA = {
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> FastAPI:
     settings = settings or Settings()
     if redis is None:
-        if not settings.redis_url:
-            raise RuntimeError("set CTSR_REDIS_URL (or use `ctsr serve` for the embedded stack)")
+        if not redis_configured(settings):
+            raise RuntimeError("set CTSR_REDIS_URL or CTSR_REDIS_SENTINELS (or use `ctsr serve`)")
         # Two quick retries ride out a blip; an outage answers 503 in well under a second
         # (redis-py's default back-off would hold every request for seconds first).
-        redis = Redis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+        redis = connect(
+            settings, socket_timeout=5, socket_connect_timeout=2,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
         )  # fmt: skip
     queue = Queue(settings.queue, connection=redis)
@@ -219,6 +221,24 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         store.delete(input_key(job.id))
         redis.set(expired_key(job.id), "1", ex=settings.result_ttl_s)
 
+    def _await_replicas(job_id: str) -> None:
+        """Answer 202 only for a job that survives losing the primary: WAIT for the replicas on
+        the connection that made the last write (WAIT counts that connection's writes; the
+        replication stream is ordered, so the input blob and the enqueue are covered too)."""
+        with redis.pipeline(transaction=False) as pipe:
+            pipe.incr(ACCEPTED_KEY)
+            pipe.execute_command("WAIT", settings.redis_min_replica_acks, settings.redis_replica_wait_ms)
+            acks = pipe.execute()[-1]
+        if acks < settings.redis_min_replica_acks:  # not durable: do not run it, let the client retry
+            cancel_job(Job.fetch(job_id, connection=redis), settings.result_ttl_s)
+            store.delete(input_key(job_id))
+            metrics.rejected.labels("not_replicated").inc()
+            raise APIError(
+                503, "not_replicated",
+                f"the job store could not confirm {settings.redis_min_replica_acks} replica(s) in time; retry shortly",
+                {"Retry-After": "5"},
+            )  # fmt: skip
+
     @app.post(
         "/upscale",
         status_code=202,
@@ -300,6 +320,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             retry=JobRetry(max=settings.job_retries) if settings.job_retries else None,
             description=f"upscale {width}x{height} alphas={','.join(map(alpha_label, options.alphas))}",
         )
+        if settings.redis_min_replica_acks:
+            await asyncio.get_running_loop().run_in_executor(None, _await_replicas, job_id)
         metrics.submitted.inc()
         body = {"id": job_id, "status": "queued", "urls": urls(job_id)}
         wait = _prefer_wait(request.headers.get("prefer"))
@@ -389,7 +411,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
 
     @app.get(
         "/readyz",
-        summary="Redis answers and a warmed-up worker heart-beats",
+        summary="Redis answers and a warmed-up worker heart-beats (the latter unless CTSR_READY_NEEDS_WORKER=false)",
         responses=ROUTE_RESPONSES["GET /readyz"],
     )
     def readyz() -> JSONResponse:
@@ -398,7 +420,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             workers = sum(1 for _ in redis.scan_iter(READY_PATTERN, count=100))
         except RedisError:
             return JSONResponse({"status": "unavailable", "redis": False}, status_code=503)
-        ready = workers > 0
+        ready = workers > 0 or not settings.ready_needs_worker
         return JSONResponse({"status": "ok" if ready else "no_workers", "redis": True, "workers": workers},
                             status_code=200 if ready else 503)  # fmt: skip
 

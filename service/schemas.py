@@ -157,7 +157,10 @@ ROUTE_RESPONSES: dict[str, dict[int | str, dict[str, Any]]] = {
             "`output_too_large_for_format`, ..."
         ),
         429: error("`queue_full` or `rate_limited`", {**RETRY_AFTER, **RATE_HEADERS}),
-        503: UNAVAILABLE,
+        503: error(
+            "`unavailable` (the job store is unreachable) or `not_replicated` (no replica confirmed the job)",
+            RETRY_AFTER,
+        ),
     },
     "GET /jobs/{job_id}": {
         200: {"model": JobStatusBody, "description": "the job"},

@@ -82,6 +82,13 @@ def test_health_stays_open_and_metrics_can_be_closed(client: Client) -> None:
     assert client(api_keys=KEYS).get("/metrics").status_code == 200  # open unless asked
 
 
+def test_readiness_without_workers_for_scale_to_zero(client: Client) -> None:
+    """Under KEDA the workers start only once jobs queue up: a gateway that waited for a worker
+    before taking uploads would never let that happen."""
+    body = client(ready_needs_worker=False).get("/readyz")
+    assert body.status_code == 200 and body.json() == {"status": "ok", "redis": True, "workers": 0}
+
+
 def test_a_job_is_visible_only_to_the_key_that_made_it(client: Client) -> None:
     c = client(api_keys=KEYS)
     r = _upload(c, _bearer(ALICE))

@@ -82,3 +82,21 @@ def test_gateway_rides_out_a_redis_restart(server: AofRedis) -> None:
     assert redis.llen("rq:queue:ctsr") == 1
     assert _upload(client).status_code == 202  # and new work is accepted again
     assert client.get("/readyz").json()["redis"] is True
+
+
+def test_an_upload_no_replica_confirms_is_refused_and_not_queued(server: AofRedis) -> None:
+    """With CTSR_REDIS_MIN_REPLICA_ACKS a 202 promises a replica holds the job; this Redis has none."""
+    settings = Settings(redis_url=f"unix://{server.socket}", redis_min_replica_acks=1, redis_replica_wait_ms=50)
+    app = create_app(settings)
+    client, redis = TestClient(app, raise_server_exceptions=False), app.state.redis
+    r = _upload(client)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json()["error"]["code"] == "not_replicated"
+    assert app.state.queue.count == 0  # it will not run: the client's retry is the only copy
+    assert not [k for k in redis.keys("ctsr:blob:*")]  # its input is gone too
+    assert (
+        TestClient(create_app(Settings(redis_url=f"unix://{server.socket}")))
+        .post("/upscale", files={"image": ("in.jpg", jpeg(40, 32), "image/jpeg")}, data={"alpha": "0.5"})
+        .status_code
+        == 202
+    )  # without the setting the same Redis takes it

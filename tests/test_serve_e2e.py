@@ -263,6 +263,7 @@ def test_a_job_survives_its_worker_being_killed(
     scrape = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     samples = parse_metrics(scrape)
     assert samples[("ctsr_worker_model_ready", ())] == 1
+    assert httpx.get(f"http://127.0.0.1:{metrics_port}/readyz", timeout=5).status_code == 200  # the k8s probe
     assert samples[("ctsr_worker_jobs_total", (("outcome", "finished"),))] == 1
     assert samples[("ctsr_worker_jobs_retried_total", ())] == 1  # the abandoned run is counted
     assert samples[("ctsr_worker_batch_jobs_count", ())] == 1

@@ -275,3 +275,29 @@ def test_plain_rq_worker_runs_a_job(
     assert job.get_status() == JobStatus.FINISHED, job.latest_result().exc_string
     key = job.return_value()["outputs"]["0.5"]
     assert Image.open(io.BytesIO(redis.get(key))).size == (96, 80)
+
+
+def test_worker_probes_follow_the_model_state() -> None:
+    """/readyz is what Kubernetes and compose wait on: 503 until the model is loaded and warm."""
+    import httpx
+
+    from worker.health import start_health_server
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    server = start_health_server(metrics, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert httpx.get(f"{base}/livez", timeout=5).status_code == 200
+        not_ready = httpx.get(f"{base}/readyz", timeout=5)
+        assert not_ready.status_code == 503 and "not loaded" in not_ready.text
+        assert "ctsr_worker_model_ready 0.0" in httpx.get(f"{base}/metrics", timeout=5).text
+        metrics.set_ready(True)
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+        assert httpx.head(f"{base}/readyz", timeout=5).content == b""
+        assert "ctsr_worker_model_ready 1.0" in httpx.get(f"{base}/metrics", timeout=5).text
+        metrics.set_ready(False)  # teardown (SIGTERM): the orchestrator stops sending work first
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -6,15 +6,15 @@ import logging
 import os
 import socket
 
-from prometheus_client import start_http_server
-from redis import Redis
 from rq import Queue
 
 from ctsr.blobs import open_blob_store
+from ctsr.redis_conn import connect, redis_configured
 from ctsr.settings import Settings
 from models.errors import CTSRError
 
 from .engine import BatchEngine
+from .health import start_health_server
 from .metrics import WorkerMetrics
 from .rq_worker import BatchWorker
 
@@ -22,20 +22,20 @@ log = logging.getLogger("ctsr.worker")
 
 
 def run_worker(settings: Settings, burst: bool = False, name: str | None = None) -> int:
-    if not settings.redis_url:
-        raise SystemExit("ctsr worker: set CTSR_REDIS_URL (or use `ctsr serve` for the embedded stack)")
-    redis = Redis.from_url(settings.redis_url)
+    if not redis_configured(settings):
+        raise SystemExit("ctsr worker: set CTSR_REDIS_URL or CTSR_REDIS_SENTINELS (or use `ctsr serve`)")
+    redis = connect(settings)
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         where = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
         try:
-            start_http_server(settings.worker_metrics_port, settings.worker_metrics_host, registry=metrics.registry)
+            start_health_server(metrics, settings.worker_metrics_host, settings.worker_metrics_port)
         except OSError as exc:
             raise CTSRError(
                 f"the worker cannot serve its metrics on {where} ({exc.strerror or exc}); "
                 "set CTSR_WORKER_METRICS_PORT to a free port (0: no metrics server)"
             ) from None
-        log.info("worker metrics on http://%s/metrics", where)
+        log.info("worker metrics on http://%s/metrics (probes: /livez, /readyz)", where)
     engine = BatchEngine(settings)  # before registering: a model that fails to load never takes jobs
     queue = Queue(settings.queue, connection=redis)
     store = open_blob_store(settings.blob_store, redis, settings.blob_dir)

@@ -31,6 +31,11 @@ class WorkerMetrics:
             "ctsr_worker_jobs_retried", "Jobs started again after an abandoned (dead worker) or failed run", registry=r
         )
         self.model_ready = Gauge("ctsr_worker_model_ready", "1 once the model is loaded and warm", registry=r)
+        self.ready = False  # what /readyz answers (worker/health.py)
         self.device_memory = Gauge(
             "ctsr_worker_device_memory_bytes", "Device memory allocated by the model process", registry=r
         )
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.model_ready.set(int(ready))

@@ -22,6 +22,8 @@ import time
 from typing import Any
 
 import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.timeouts import JobTimeoutException
@@ -45,6 +47,8 @@ from models.errors import CTSRError
 from .engine import BatchEngine
 from .metrics import WorkerMetrics
 from .process import process_jobs
+
+OUTAGE_BACKOFF_MAX_S = 5.0  # longest wait between reconnection tries
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -85,7 +89,7 @@ class BatchWorker(SimpleWorker):
 
     def mark_ready(self) -> None:
         self.ready = True
-        self.metrics.model_ready.set(1)
+        self.metrics.set_ready(True)
         self.heartbeat()
 
     def run_maintenance_tasks(self) -> None:
@@ -96,7 +100,7 @@ class BatchWorker(SimpleWorker):
 
     def teardown(self) -> None:
         self.connection.delete(ready_key(self.name))
-        self.metrics.model_ready.set(0)
+        self.metrics.set_ready(False)
         super().teardown()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -106,26 +110,53 @@ class BatchWorker(SimpleWorker):
         self._install_signal_handlers()
         self.mark_ready()  # the caller has loaded (and warmed) the model by now
         done = batches = 0
+        outage = 0.0  # seconds to wait before the next try while Redis is unreachable
         try:
             while not self._stop_requested:
-                if self.should_run_maintenance_tasks:
-                    self.run_maintenance_tasks()
-                pulled = self.pull(burst)
-                if not pulled:
-                    if burst:
+                try:
+                    if outage:
+                        self._rejoin()
+                        self.log.info("worker %s: Redis is back; taking jobs again", self.name)
+                        outage = 0.0
+                    if self.should_run_maintenance_tasks:
+                        self.run_maintenance_tasks()
+                    pulled = self.pull(burst)
+                    if not pulled:
+                        if burst:
+                            break
+                        continue
+                    done += self.execute_batch(pulled)
+                    batches += 1
+                    self.heartbeat()
+                    if max_batches is not None and batches >= max_batches:
                         break
-                    continue
-                done += self.execute_batch(pulled)
-                batches += 1
-                self.heartbeat()
-                if max_batches is not None and batches >= max_batches:
-                    break
-        except Exception as exc:  # StopRequested while idle, or a Redis outage
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    # A failover or a cut link: keep the model, wait, reconnect (a Sentinel client
+                    # asks for the new primary). Jobs of an interrupted batch stay "started" and are
+                    # retried once their heartbeat lapses, by this worker or another.
+                    if not outage:
+                        self.log.warning("worker %s: Redis unreachable (%s); retrying", self.name, exc)
+                    outage = min(max(outage * 2, 0.25), OUTAGE_BACKOFF_MAX_S)
+                    self._sleep_unless_stopped(outage)
+        except Exception as exc:  # StopRequested while idle, or a bug
             if type(exc).__name__ != "StopRequested":
                 self.log.exception("worker %s: stopping after an unexpected error", self.name)
         finally:
             self.teardown()
         return done
+
+    def _rejoin(self) -> None:
+        """After an outage: a promoted replica may not have this worker's registration (replication
+        is asynchronous); register again so the worker counts as alive, then heart-beat."""
+        if not self.connection.exists(self.key):
+            self.register_birth()
+        self.set_state(WorkerStatus.IDLE)
+        self.heartbeat()
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stop_requested and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def pull(self, burst: bool = False) -> list[tuple[Job, Queue]]:
         # short blocking rounds: an idle worker must still run maintenance (abandoned-job recovery)
