@@ -140,12 +140,14 @@ def service_env(**ctsr: Any) -> dict[str, str]:
 class Proc:
     """A ``ctsr`` subprocess in its own session, its output in a file (no pipe to fill up)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, prefix: tuple[str, ...] = ()) -> None:
+        """``prefix``: a command that execs the rest, e.g. ``("ip", "netns", "exec", NAME)``."""
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
-            [str(CTSR), *args], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            [*prefix, str(CTSR), *args], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
         self.pid = self.popen.pid
 
     @property

@@ -244,6 +244,12 @@ class BatchWorker(SimpleWorker):
             self.metrics.device_memory.set(torch.cuda.memory_allocated(self.engine.device))
 
         for (job, queue, execution, _), outcome in zip(running, outcomes, strict=True):
+            if not self._still_owns(queue, execution):
+                # Cut off from Redis past the heartbeat grace: the job was declared abandoned and
+                # handed on. Its other run owns the outcome; this one must not finish it twice.
+                self.log.warning("worker %s: job %s was handed on meanwhile; dropping this run", self.name, job.id)
+                self.metrics.jobs.labels("superseded").inc()
+                continue
             if self.connection.exists(canceled_key(job.id)):
                 self._cancel(job, execution, outcome)
             elif isinstance(outcome, BaseException):
@@ -254,6 +260,12 @@ class BatchWorker(SimpleWorker):
                 self._announce(job)
         self.set_state(WorkerStatus.IDLE)
         return len(pulled)
+
+    def _still_owns(self, queue: Queue, execution: Any) -> bool:
+        """This run is still the job's live execution: RQ's abandoned-job clean-up removes an
+        execution whose heartbeat lapsed from the started registry (heartbeats only refresh an
+        entry that is still there)."""
+        return self.connection.zscore(queue.started_job_registry.key, execution.composite_key) is not None
 
     def _fail(self, job: Job, queue: Queue, execution: Any, exc: BaseException) -> None:
         if isinstance(exc, FINAL_ERRORS):
