@@ -24,11 +24,9 @@ log = logging.getLogger("ctsr.worker")
 def run_worker(settings: Settings, burst: bool = False, name: str | None = None) -> int:
     if not redis_configured(settings):
         raise SystemExit("ctsr worker: set CTSR_REDIS_URL or CTSR_REDIS_SENTINELS (or use `ctsr serve`)")
-    # Timeouts longer than a blocking dequeue (at most maintenance_interval_s): a dead link fails a
-    # call instead of hanging the worker for ever; keepalives notice a silently dropped peer.
-    redis = connect(
-        settings, socket_timeout=settings.maintenance_interval_s + 20, socket_connect_timeout=5, socket_keepalive=True
-    )
+    # A timeout longer than a blocking dequeue (at most maintenance_interval_s): a dead link fails a
+    # call instead of hanging the worker for ever.
+    redis = connect(settings, socket_timeout=settings.maintenance_interval_s + 20, socket_connect_timeout=5)
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         where = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
