@@ -52,6 +52,7 @@ COUNTERS_AND_GAUGES = {
     "ctsr_worker_model_ready",
     "ctsr_worker_device_memory_bytes",
     "ctsr_worker_jobs_total",
+    "ctsr_worker_redis_outages_total",
 }
 HISTOGRAMS = {
     "ctsr_http_request_duration_seconds",

@@ -244,3 +244,18 @@ def test_no_secret_lives_in_the_repository(overlay: str) -> None:
     refs = set(re.findall(r'"secretKeyRef": \{[^}]*"name": "([^"]+)"', json.dumps(objects)))
     assert refs == {"ctsr-secrets"}
     assert "PASSWORD" not in " ".join(config(objects))
+
+
+def test_prometheus_follows_the_annotated_pods() -> None:
+    """The shipped scrape job keeps exactly the annotation the manifests set and adds the
+    ``namespace`` label that the autoscaler's queue-age query filters on."""
+    (job,) = yaml.safe_load((K8S / "monitoring" / "prometheus-scrape.yaml").read_text())
+    assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["ctsr"]}}]
+    rules = {r.get("target_label", r.get("action")): r for r in job["relabel_configs"]}
+    assert rules["keep"]["source_labels"] == ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
+    assert rules["namespace"]["source_labels"] == ["__meta_kubernetes_namespace"]
+    port = rules["__address__"]
+    assert re.sub(port["regex"], port["replacement"].replace("$", "\\"), "10.1.2.3:8000;9100") == "10.1.2.3:9100"
+    scaled = one(build("gpu"), "ScaledObject", "ctsr-worker")
+    query = next(t for t in scaled["spec"]["triggers"] if t["type"] == "prometheus")
+    assert f'namespace="{scaled["metadata"]["namespace"]}"' in query["metadata"]["query"]

@@ -171,6 +171,7 @@ def test_jobs_survive_losing_the_primary(cluster: dict[str, object], small_compa
         assert gateway.alive() and worker.alive()  # the same processes: they reconnected by themselves
         assert "Traceback" not in gateway.output, gateway.output[-3000:]
         assert "Redis is back" in worker.output, worker.output[-3000:]
+        assert worker.output.count("Redis unreachable") == 1  # one line per outage, not one per retry
     finally:
         http.close()
         gateway.stop()

@@ -30,6 +30,9 @@ class WorkerMetrics:
         self.jobs_retried = Counter(
             "ctsr_worker_jobs_retried", "Jobs started again after an abandoned (dead worker) or failed run", registry=r
         )
+        self.redis_outages = Counter(
+            "ctsr_worker_redis_outages", "Times Redis became unreachable (failover, cut link) and came back", registry=r
+        )
         self.model_ready = Gauge("ctsr_worker_model_ready", "1 once the model is loaded and warm", registry=r)
         self.ready = False  # what /readyz answers (worker/health.py)
         self.device_memory = Gauge(

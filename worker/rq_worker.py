@@ -136,6 +136,7 @@ class BatchWorker(SimpleWorker):
                     # retried once their heartbeat lapses, by this worker or another.
                     if not outage:
                         self.log.warning("worker %s: Redis unreachable (%s); retrying", self.name, exc)
+                        self.metrics.redis_outages.inc()
                     outage = min(max(outage * 2, 0.25), OUTAGE_BACKOFF_MAX_S)
                     self._sleep_unless_stopped(outage)
         except Exception as exc:  # StopRequested while idle, or a bug
