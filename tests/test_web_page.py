@@ -71,7 +71,7 @@ def test_page_and_static_files_are_served_with_the_page_csp() -> None:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[str]:
     """``ctsr serve`` (bundled model, embedded Redis) on a free port; its base URL."""
-    env = service_env(tile=64, max_batch=8, warmup=0, worker_metrics_port=0, max_alphas=8)
+    env = service_env(tile=64, max_batch=8, warmup=0, worker_metrics_port=0, max_alphas=8, state_dir=tmp_path / "state")
     redis_before = redis_server_pids()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
