@@ -49,6 +49,12 @@ def canceled_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:canceled:{job_id}"
 
 
+def claim_key(job_id: str) -> str:
+    """Who got to a queued job first: ``start`` (a worker, SET NX just before it marks the job
+    started) or ``cancel`` (a DELETE, SET NX). Makes a cancel and a start that race exclusive."""
+    return f"{KEY_PREFIX}:claim:{job_id}"
+
+
 def done_key(job_id: str) -> str:
     """A list the worker pushes to when a job ends, so ``Prefer: wait`` needs no polling."""
     return f"{KEY_PREFIX}:done:{job_id}"

@@ -37,6 +37,7 @@ from ctsr.contract import (
     announce_end,
     cancel_job,
     canceled_key,
+    claim_key,
     done_key,
     expired_key,
     input_key,
@@ -391,14 +392,17 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     def delete_job(job_id: str, request: Request) -> JSONResponse:
         job = fetch(job_id, request)
         status = job.get_status(refresh=False)
-        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED) and redis.set(
+            claim_key(job.id), "cancel", nx=True, ex=settings.result_ttl_s
+        ):  # no worker has claimed it: it will never start
             cancel_job(job, settings.result_ttl_s)
             store.delete(input_key(job.id))
             with redis.pipeline() as pipe:  # its waiters and its webhook hear of it, as of any other end
                 announce_end(pipe, JobPayload.from_dict(job.args[0]), "canceled")
                 pipe.execute()
             return JSONResponse({"id": job.id, "status": "canceled"})
-        if status == JobStatus.STARTED:
+        if status in (JobStatus.STARTED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            # running, or claimed by a worker that is starting it: it stops at the end of its batch
             redis.set(canceled_key(job.id), "1", ex=settings.result_ttl_s)
             return JSONResponse({"id": job.id, "status": "canceling"}, status_code=202)
         if status == JobStatus.CANCELED:

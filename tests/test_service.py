@@ -55,6 +55,7 @@ from ctsr.contract import (
     JOB_FUNC,
     WEBHOOK_QUEUE_KEY,
     JobPayload,
+    claim_key,
     input_key,
     is_job_id,
     new_job_id,
@@ -511,6 +512,42 @@ def test_cancel_a_queued_job(stack: Stack) -> None:
     assert stack.status(keep)["status"] == "finished"
     assert_error(stack.client.delete(f"/jobs/{keep}"), 409, "already_finished")
     assert stack.result(keep).status_code == 200  # refusing the cancel left it alone
+
+
+def test_a_cancel_between_dequeue_and_start_wins_and_the_job_never_runs(stack: Stack) -> None:
+    """The race: the worker has popped the job off the queue but not marked it started when the
+    DELETE lands. Exactly one side claims it; here the DELETE does, and the worker drops it."""
+    job_id = stack.accepted(VALID)
+    worker = stack.worker()
+    worker.bootstrap()
+    pulled = worker.pull(burst=True)  # dequeued: off the queue, not yet started
+    assert [job.id for job, _ in pulled] == [job_id]
+    assert Job.fetch(job_id, connection=stack.redis).get_status() == JobStatus.QUEUED
+    response = stack.client.delete(f"/jobs/{job_id}")
+    assert response.status_code == 200 and response.json()["status"] == "canceled"
+
+    passes = stack.engine.forward_passes
+    worker.execute_batch(pulled)
+    assert stack.engine.forward_passes == passes  # it never ran
+    job = Job.fetch(job_id, connection=stack.redis)
+    assert job.get_status() == JobStatus.CANCELED
+    assert job_id in CanceledJobRegistry(queue=stack.queue)
+    assert job_id not in stack.queue.finished_job_registry and job_id not in FailedJobRegistry(queue=stack.queue)
+    assert StartedJobRegistry(queue=stack.queue).get_job_count(cleanup=False) == 0
+    assert stack.redis.llen(stack.queue.intermediate_queue_key) == 0
+    assert stack.status(job_id)["status"] == "canceled"
+
+
+def test_a_cancel_after_a_workers_claim_asks_it_to_stop(stack: Stack) -> None:
+    """The other order: a worker claimed the job (it is starting) before the DELETE: 202, and the
+    job ends canceled once its batch is done, never finished."""
+    job_id = stack.accepted(VALID)
+    stack.redis.set(claim_key(job_id), "start")  # what a worker does just before it marks the job started
+    response = stack.client.delete(f"/jobs/{job_id}")
+    assert response.status_code == 202 and response.json()["status"] == "canceling"
+    stack.run_worker()
+    assert Job.fetch(job_id, connection=stack.redis).get_status() == JobStatus.CANCELED
+    assert job_id not in stack.queue.finished_job_registry
 
 
 def test_cancel_a_running_job(stack: Stack) -> None:

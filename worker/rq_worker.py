@@ -37,6 +37,7 @@ from ctsr.contract import (
     announce_end,
     cancel_job,
     canceled_key,
+    claim_key,
     input_key,
     progress_key,
     ready_key,
@@ -189,6 +190,10 @@ class BatchWorker(SimpleWorker):
     def execute_batch(self, pulled: list[tuple[Job, Queue]]) -> int:
         running = []
         for job, queue in pulled:
+            if not self._claim(job):  # canceled between its dequeue and now: it must not start
+                self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+                self.metrics.jobs.labels("canceled").inc()
+                continue
             if job.retries_left is not None and job.retries_left < self.settings.job_retries:
                 self.metrics.jobs_retried.inc()  # its earlier run was abandoned (worker died) or failed
             execution = self.prepare_execution(job)
@@ -261,6 +266,14 @@ class BatchWorker(SimpleWorker):
                 self._announce(job)
         self.set_state(WorkerStatus.IDLE)
         return len(pulled)
+
+    def _claim(self, job: Job) -> bool:
+        """Claim a queued job before starting it, exclusively of a DELETE (``claim_key``): False
+        if the DELETE came first. A retried job keeps its first run's claim."""
+        key = claim_key(job.id)
+        if self.connection.set(key, "start", nx=True, ex=self.settings.result_ttl_s):
+            return True
+        return self.connection.get(key) != b"cancel"
 
     def _still_owns(self, queue: Queue, execution: Any) -> bool:
         """This run is still the job's live execution: RQ's abandoned-job clean-up removes an
