@@ -565,9 +565,11 @@ def test_cancel_a_running_job(stack: Stack) -> None:
 
     thread = threading.Thread(target=cancel_when_started)
     thread.start()
+    passes = stack.engine.forward_passes
     worker = stack.run_worker()
     thread.join(timeout=30)
     assert len(replies) == 2, "the cancel request never ran"
+    canceled_passes = stack.engine.forward_passes - passes
     running, canceling = (r.json() for r in replies)
     assert running["status"] == "started"
     assert 0.0 <= running["progress"] < 1.0
@@ -582,8 +584,14 @@ def test_cancel_a_running_job(stack: Stack) -> None:
     assert_error(stack.result(job_id), 409, "not_finished")
     assert worker.metrics.registry.get_sample_value("ctsr_worker_jobs_total", {"outcome": "canceled"}) == 1
 
+    # -- 5. admission control --------------------------------------------------------------------------------
 
-# -- 5. admission control --------------------------------------------------------------------------------
+    stack.accepted(data, alphas=(0.0, 1.0))  # the same job left alone: how many passes a whole run takes
+    passes = stack.engine.forward_passes
+    stack.run_worker()
+    assert canceled_passes < stack.engine.forward_passes - passes, "the canceled batch ran to its end"
+
+
 def test_queue_full(stack: Stack) -> None:
     stack.settings.max_queue_depth = 2
     first, second = stack.accepted(VALID), stack.accepted(VALID)

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 Outcome = dict[str, Any] | BaseException
 
 
+class BatchAbandoned(Exception):
+    """Raised by ``on_batch`` when nobody wants the batch any more (every job in it was canceled):
+    the remaining forward passes are skipped, not retried job by job."""
+
+
 class InputMissing(CTSRError):
     """The job's input blob is gone (its TTL ran out before a worker reached it)."""
 
@@ -77,7 +82,7 @@ def _run_isolated(
         return []
     try:
         return list(engine.run(jobs, on_batch=on_batch))
-    except BaseTimeoutException:
+    except (BaseTimeoutException, BatchAbandoned):
         raise
     except Exception as exc:
         if len(jobs) == 1:

@@ -47,7 +47,7 @@ from models.errors import CTSRError
 
 from .engine import BatchEngine
 from .metrics import WorkerMetrics
-from .process import process_jobs
+from .process import BatchAbandoned, process_jobs
 
 OUTAGE_BACKOFF_MAX_S = 5.0  # longest wait between reconnection tries
 
@@ -229,7 +229,10 @@ class BatchWorker(SimpleWorker):
             with self.connection.pipeline() as pipe:
                 for job, *_ in running:
                     pipe.set(progress_key(job.id), f"{min(done_tiles / total, 1):.3f}", ex=self.settings.result_ttl_s)
-                pipe.execute()
+                    pipe.exists(canceled_key(job.id))
+                canceled = pipe.execute()[1::2]
+            if all(canceled):  # nobody wants the rest of this batch (nor should a SIGTERM wait for it)
+                raise BatchAbandoned(f"all {len(running)} job(s) of the batch were canceled")
             for job, _, execution, _ in running:
                 self.maintain_heartbeats(job, execution)
 
@@ -241,6 +244,9 @@ class BatchWorker(SimpleWorker):
                 outcomes = process_jobs(
                     self.engine, self.store, [j.args[0] for j, *_ in running], self.settings.result_ttl_s, on_batch
                 )
+        except BatchAbandoned as exc:
+            self.log.info("worker %s: %s; stopped it", self.name, exc)
+            outcomes = [exc] * len(running)
         except Exception as exc:  # timeout, or a failure of the batch as a whole
             self.log.exception("worker %s: batch of %d job(s) failed", self.name, len(running))
             outcomes = [exc] * len(running)
