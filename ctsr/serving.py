@@ -28,11 +28,20 @@ def _logging() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
-def proxy_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's X-Forwarded-* handling, on only for ``CTSR_TRUSTED_PROXIES`` (uvicorn would
-    otherwise trust 127.0.0.1, so any local client could pick its own rate-limit identity)."""
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn options: the slow-client timeouts, and X-Forwarded-* handling only for
+    ``CTSR_TRUSTED_PROXIES`` (uvicorn would otherwise trust 127.0.0.1, so any local client could
+    pick its own rate-limit identity)."""
+    from .http_server import guarded_protocol
+
     trusted = ",".join(settings.trusted_proxies)
-    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or ""}
+    return {
+        "proxy_headers": bool(trusted),
+        "forwarded_allow_ips": trusted or "",
+        "http": guarded_protocol(settings.header_timeout_s, settings.body_idle_timeout_s),
+        "timeout_keep_alive": settings.keep_alive_s,
+        "log_level": "warning",
+    }
 
 
 def run_gateway(settings: Settings, host: str, port: int) -> int:
@@ -41,9 +50,7 @@ def run_gateway(settings: Settings, host: str, port: int) -> int:
     from service.app import create_app
 
     _logging()
-    uvicorn.run(
-        create_app(settings), host=host, port=port, log_level="warning", access_log=False, **proxy_options(settings)
-    )
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, **server_options(settings))
     return 0
 
 
@@ -157,8 +164,7 @@ def serve(settings: Settings, host: str, port: int, state_dir: Path | None = Non
         )  # fmt: skip
         children.append(worker)
         app = create_app(settings)
-        options = proxy_options(settings)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **options))
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **server_options(settings)))
         worker.start()
 
         def terminate(signum: int, frame: object) -> None:

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     # -- gateway --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
+    #: Slow or idle clients (ctsr/http_server.py): request headers must be complete this long after
+    #: a connection's first byte; a request body may pause at most body_idle_timeout_s; an idle
+    #: keep-alive connection is closed after keep_alive_s.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_idle_timeout_s: float = Field(30.0, gt=0)
+    keep_alive_s: float = Field(5.0, gt=0)
     max_upload_bytes: int = Field(20 * 2**20, ge=1024)
     max_pixels: int = Field(16_000_000, ge=64)  # LR pixels accepted per upload
     max_side: int = Field(8192, ge=16)
