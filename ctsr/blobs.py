@@ -9,16 +9,29 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 from redis import Redis
+
+#: Downloads are sent in pieces of this size, so a gateway holds one piece per download, not a
+#: whole result (a 16-megapixel PNG is tens of MB).
+CHUNK_BYTES = 1 << 20
+
+
+class BlobGone(Exception):
+    """The blob expired or was deleted while it was being streamed."""
 
 
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes, ttl_s: int) -> None: ...
     def get(self, key: str) -> bytes | None: ...
     def delete(self, *keys: str) -> None: ...
+    def stream(self, key: str, chunk: int | None = None) -> tuple[int, Iterator[bytes]] | None:
+        """``(size, pieces)`` of a blob, read ``chunk`` bytes (default CHUNK_BYTES) at a time; None if
+        there is none."""
+        ...
 
 
 class RedisBlobStore:
@@ -34,6 +47,20 @@ class RedisBlobStore:
     def delete(self, *keys: str) -> None:
         if keys:
             self.redis.delete(*keys)
+
+    def stream(self, key: str, chunk: int | None = None) -> tuple[int, Iterator[bytes]] | None:
+        size, chunk = self.redis.strlen(key), chunk or CHUNK_BYTES
+        if not size:
+            return None
+
+        def pieces() -> Iterator[bytes]:
+            for start in range(0, size, chunk):
+                piece = self.redis.getrange(key, start, min(start + chunk, size) - 1)
+                if len(piece) != min(chunk, size - start):  # expired (or replaced) mid-download
+                    raise BlobGone(key)
+                yield piece
+
+        return size, pieces()
 
 
 class FileBlobStore:
@@ -71,6 +98,23 @@ class FileBlobStore:
     def delete(self, *keys: str) -> None:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
+
+    def stream(self, key: str, chunk: int | None = None) -> tuple[int, Iterator[bytes]] | None:
+        try:
+            file = self._path(key).open("rb")  # an open file stays readable if the sweep removes it
+        except FileNotFoundError:
+            return None
+        stat = os.fstat(file.fileno())
+        if stat.st_mtime < time.time():
+            file.close()
+            return None
+
+        def pieces(chunk: int = chunk or CHUNK_BYTES) -> Iterator[bytes]:
+            with file:
+                while piece := file.read(chunk):
+                    yield piece
+
+        return stat.st_size, pieces()
 
     def sweep(self) -> int:
         """Remove expired blobs; returns how many."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
@@ -361,10 +361,12 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         label = alpha_label(alpha) if alpha is not None else next(iter(outputs), None)
         if label not in outputs:
             raise APIError(404, "unknown_alpha", f"this job has results for alpha {', '.join(outputs)}")
-        data = store.get(outputs[label])
-        if data is None:
+        blob = store.stream(outputs[label])
+        if blob is None:
             raise APIError(410, "expired", "the result has expired")
-        return Response(data, media_type=result["content_type"], headers={"X-CTSR-Alpha": label})
+        size, pieces = blob  # sent a piece at a time (in a thread): never the whole image in memory
+        headers = {"X-CTSR-Alpha": label, "Content-Length": str(size)}
+        return StreamingResponse(pieces, media_type=result["content_type"], headers=headers)
 
     @app.get("/jobs/{job_id}", summary="Job status", responses=ROUTE_RESPONSES["GET /jobs/{job_id}"])
     def get_job(job_id: str, request: Request) -> JSONResponse:

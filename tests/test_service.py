@@ -468,6 +468,23 @@ def test_unknown_and_malformed_job_ids_are_404(stack: Stack, method: str, job_id
 
 
 # -- 3. result before it ran / unknown alpha ----------------------------------------------------------
+def test_results_are_streamed_not_read_whole(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = stack.accepted(VALID)
+    stack.run_worker()
+    original = RedisBlobStore.get
+
+    def no_whole_outputs(self: RedisBlobStore, key: str) -> bytes | None:
+        assert ":out:" not in key, "a result was read whole into the gateway's memory"
+        return original(self, key)
+
+    monkeypatch.setattr(RedisBlobStore, "get", no_whole_outputs)
+    monkeypatch.setattr("ctsr.blobs.CHUNK_BYTES", 4096)  # several pieces even for a small PNG
+    response = stack.result(job_id)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert int(response.headers["content-length"]) == len(response.content) > 4096
+    assert decode(response.content).size == (24 * 4, 20 * 4)
+
+
 def test_result_before_finished_and_unknown_alpha(stack: Stack) -> None:
     job_id = stack.accepted(VALID, alphas=(0.25, 0.75))
     assert_error(stack.result(job_id), 409, "not_finished")
