@@ -49,6 +49,7 @@ from ctsr.redis_conn import connect, redis_configured
 from ctsr.settings import Settings
 
 from .access import API_CSP, PAGE_CSP, SECURITY_HEADERS, KeyRing, RateLimiter, caller_id
+from .docs import mount_docs
 from .errors import APIError, api_error_handler, http_error_handler
 from .metrics import GatewayMetrics
 from .schemas import PREFER_PARAMETER, ROUTE_RESPONSES
@@ -56,7 +57,7 @@ from .uploads import BodyTooLarge, check_image, check_output_size, limited_recei
 from .webhooks import Deliverer, check_url, delivery_task
 
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields around the image
-HTML_PAGES = ("/docs", "/redoc")  # they load scripts and styles; every other response gets API_CSP
+HTML_PAGES = ("/docs", "/redoc")  # and /docs-assets: scripts and styles; every other response gets API_CSP
 STATIC = Path(__file__).resolve().parent / "static"  # the web page: plain HTML, CSS and JS, no build step
 log = logging.getLogger("ctsr.gateway")
 
@@ -112,7 +113,10 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         version="0.1.0",
         description="Upload an image with `alpha` in [0, 1] (0 = realness, 1 = fidelity); poll the job; "
         "download the ×4 result.",
+        docs_url=None,  # served from local files instead of a CDN (service/docs.py)
+        redoc_url=None,
     )
+    mount_docs(app)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # 404/405 in the same JSON shape
     keys = KeyRing(settings.api_keys)

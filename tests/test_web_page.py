@@ -236,3 +236,48 @@ def test_web_page_end_to_end(sync_api: Any, served: str, tmp_path: Path) -> None
             assert [p for p in problems if "status of 415" not in p] == [], problems
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_docs_render_offline(sync_api: Any, redis: Any, tmp_path: Path) -> None:
+    """/docs and /redoc in a browser that may reach nothing but the gateway: every operation shows,
+    and no script, style or font is asked of another host."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = Proc(["gateway", "--port", str(port)], service_env(redis_url=f"unix://{redis.socket_file}"),
+                tmp_path / "gateway.log")  # fmt: skip
+    elsewhere: list[str] = []
+    try:
+        wait_for(lambda: _answers(f"{base}/livez"), 30, interval=0.1, what="the gateway")
+        operations = len([op for ops in httpx.get(f"{base}/openapi.json").json()["paths"].values() for op in ops])
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page()
+
+            def local_only(route: Any) -> None:
+                if route.request.url.startswith(base):
+                    route.continue_()
+                else:  # blocked; only ReDoc's "powered by" logo image may ask (it renders without)
+                    if route.request.resource_type != "image":
+                        elsewhere.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", local_only)
+            page.goto(f"{base}/docs")
+            page.wait_for_selector(".opblock", timeout=30_000)
+            assert page.locator(".opblock").count() == operations
+            page.goto(f"{base}/redoc")
+            page.wait_for_selector("[data-section-id^='operation/']", timeout=30_000)
+            ids = "[...document.querySelectorAll(\"[data-section-id^='operation/']\")].map(e => e.dataset.sectionId)"
+            assert page.evaluate(f"new Set({ids}).size") == operations
+            browser.close()
+        assert elsewhere == [], f"the docs tried to load {elsewhere}"
+    finally:
+        proc.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
