@@ -143,8 +143,17 @@ def hadolint_bin(tool_home: Path) -> Path:
     return path
 
 
-def _compose(compose_bin: Path, tool_home: Path, file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run([compose_bin, "--project-directory", file.parent, "-f", file, *args], _tool_env(tool_home), tool_home)
+ENV_EXAMPLE = REPO / ".env.example"
+
+
+def _compose(
+    compose_bin: Path, tool_home: Path, file: Path, *args: str, env_file: Path | None = ENV_EXAMPLE
+) -> subprocess.CompletedProcess[str]:
+    """``docker compose`` on ``file``; the repository's file reads its settings from .env.example,
+    as a user's .env would give them (the passwords are required)."""
+    options = ["--env-file", env_file] if env_file and file == COMPOSE_FILE else []
+    cmd = [compose_bin, "--project-directory", file.parent, "-f", file, *options, *args]
+    return _run(cmd, _tool_env(tool_home), tool_home)
 
 
 def _hadolint(hadolint_bin: Path, tool_home: Path, dockerfile: Path) -> subprocess.CompletedProcess[str]:
@@ -165,7 +174,7 @@ def _compose_yaml() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def normalized(compose_bin: Path, tool_home: Path) -> dict[str, Any]:
     """docker-compose.yml as Compose itself resolves it (anchors, merges, paths, durations)."""
-    out = _compose(compose_bin, tool_home, COMPOSE_FILE, "config", "--format", "json")
+    out = _compose(compose_bin, tool_home, COMPOSE_FILE, "--profile", "gpus-4", "config", "--format", "json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -305,8 +314,9 @@ def test_one_worker_service_per_gpu() -> None:
 
         assert _seconds(svc["stop_grace_period"]) >= MIN_WORKER_GRACE_S, f"{name}: stop_grace_period too short"
         env = _env(svc)
-        assert env["CTSR_MODEL"] == "/models/ctsr"
+        assert env["CTSR_MODEL"] == "${CTSR_MODEL:-rrdb}"  # the bundled model, inside the image: nothing to fill
         assert env["CTSR_REDIS_URL"] == gateway_url, f"{name}: not the gateway's Redis"
+        assert env["CTSR_REDIS_PASSWORD"].startswith("${CTSR_REDIS_PASSWORD:?")
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert any(str(v).split(":")[1:] == ["/models", "ro"] for v in svc["volumes"]), (
             f"{name}: the models volume must be mounted read-only at /models"
@@ -323,11 +333,44 @@ def test_workers_as_compose_resolves_them(normalized: dict[str, Any]) -> None:
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         ids += device["device_ids"]
         assert _seconds(svc["stop_grace_period"]) >= MIN_WORKER_GRACE_S
-        assert svc["environment"]["CTSR_MODEL"] == "/models/ctsr"
+        assert svc["environment"]["CTSR_MODEL"] == "rrdb"
         assert {"type": "volume", "source": "models", "target": "/models", "read_only": True}.items() <= (
             svc["volumes"][0].items()
         )
-    assert len(ids) == len(set(ids)) >= 2, ids
+    assert len(ids) == len(set(ids)) == 4, ids
+
+
+def test_the_gpu_count_is_a_profile(compose_bin: Path, tool_home: Path) -> None:
+    """No profile: one worker on GPU 0; gpus-N: one worker on each of GPUs 0..N-1."""
+    for profile, gpus in ((None, 1), ("gpus-2", 2), ("gpus-4", 4)):
+        args = ("--profile", profile) if profile else ()
+        out = _compose(compose_bin, tool_home, COMPOSE_FILE, *args, "config", "--format", "json")
+        assert out.returncode == 0, out.stderr
+        services = json.loads(out.stdout)["services"]
+        workers = sorted(n for n in services if n.startswith("worker-gpu"))
+        assert workers == [f"worker-gpu{i}" for i in range(gpus)], (profile, workers)
+        ids = [services[w]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for w in workers]
+        assert ids == [[str(i)] for i in range(gpus)]
+
+
+def test_secrets_come_from_the_env_file_and_nothing_weak_is_published(
+    compose_bin: Path, tool_home: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    out = _compose(compose_bin, tool_home, COMPOSE_FILE, "config", "--quiet", env_file=empty)
+    assert out.returncode != 0 and "CTSR_REDIS_PASSWORD" in out.stderr, "a missing password must stop compose"
+    assert ".env" in (REPO / ".gitignore").read_text().split()  # the real one is never committed
+    services = _services()
+    redis_cmd = [str(t) for t in services["redis"]["command"]]
+    assert redis_cmd[redis_cmd.index("--requirepass") + 1].startswith("${CTSR_REDIS_PASSWORD:?")
+    grafana = services["grafana"]
+    assert _env(grafana)["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert _env(grafana)["GF_AUTH_ANONYMOUS_ENABLED"] == "${GRAFANA_ANONYMOUS:-false}"
+    for name, svc in services.items():  # only the gateway is reachable from other hosts
+        for port in svc.get("ports", []):
+            assert name == "gateway" or str(port).startswith("127.0.0.1:"), f"{name} publishes {port}"
+    assert _env(services["gateway"])["CTSR_API_KEYS"] == "${CTSR_API_KEYS:-{}}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,9 +400,13 @@ def _bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
 def test_prometheus_scrapes_gateway_and_every_worker() -> None:
     targets = _scrape_targets()
     assert f"gateway:{GATEWAY_PORT}" in targets
+    jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+    (dns,) = jobs["ctsr-worker"]["dns_sd_configs"]  # the workers that run, whatever the GPU profile
     for name in _worker_names():
-        port = _env(_services()[name]).get("CTSR_WORKER_METRICS_PORT", str(WORKER_METRICS_PORT))
-        assert f"{name}:{port}" in targets, f"worker service {name} is not scraped by Prometheus"
+        svc = _services()[name]
+        port = _env(svc).get("CTSR_WORKER_METRICS_PORT", str(WORKER_METRICS_PORT))
+        assert "ctsr-worker" in svc["networks"]["default"]["aliases"], f"{name} is not found by Prometheus"
+        assert dns["names"] == ["ctsr-worker"] and dns["type"] == "A" and dns["port"] == int(port)
     prometheus = _services()["prometheus"]
     assert _image_is_pinned(prometheus["image"]) and prometheus["image"].startswith("prom/prometheus:")
     assert _bind_mounts(prometheus)["/etc/prometheus/prometheus.yml"] == PROMETHEUS_CONFIG.resolve()
@@ -368,7 +415,7 @@ def test_prometheus_scrapes_gateway_and_every_worker() -> None:
 def test_grafana_provisioning_is_wired() -> None:
     grafana = _services()["grafana"]
     assert _image_is_pinned(grafana["image"]) and grafana["image"].startswith("grafana/grafana:")
-    assert "3000:3000" in [str(p) for p in grafana["ports"]]
+    assert "127.0.0.1:3000:3000" in [str(p) for p in grafana["ports"]]
     mounts = _bind_mounts(grafana)
     provisioning = mounts["/etc/grafana/provisioning"]
     assert provisioning.is_dir()
