@@ -7,7 +7,8 @@
 # Build from the repository root (docker-compose.yml does this):
 #   docker build -f docker/worker.Dockerfile -t ctsr-worker:local .
 # Run on one GPU:
-#   docker run --gpus '"device=0"' -v ctsr_models:/models:ro -e CTSR_REDIS_URL=redis://HOST:6379/0 ctsr-worker:local
+#   docker run --gpus '"device=0"' -e CTSR_REDIS_URL=redis://HOST:6379/0 ctsr-worker:local
+# (the bundled model is inside; for your own: -v ctsr_models:/models:ro -e CTSR_MODEL=/models/<folder>)
 FROM pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
 
 LABEL org.opencontainers.image.title="ctsr-worker" \
@@ -16,7 +17,7 @@ LABEL org.opencontainers.image.title="ctsr-worker" \
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    CTSR_MODEL=/models/ctsr \
+    CTSR_MODEL=rrdb \
     CTSR_WORKER_METRICS_HOST=0.0.0.0 \
     CTSR_WORKER_METRICS_PORT=9100
 
