@@ -115,6 +115,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         "download the ×4 result.",
         docs_url=None,  # served from local files instead of a CDN (service/docs.py)
         redoc_url=None,
+        # operationIds are the handlers' names (upscale, get_job, ...): what generated clients call
+        generate_unique_id_function=lambda route: route.name,
     )
     mount_docs(app)
     app.add_exception_handler(APIError, api_error_handler)
@@ -440,14 +442,14 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         response_class=Response,  # no JSON default: 200 is text/plain, errors stay JSON
         responses=ROUTE_RESPONSES["GET /metrics"],
     )
-    def prometheus(request: Request) -> Response:
+    def get_metrics(request: Request) -> Response:
         if settings.metrics_need_key:
             keys.identify(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # HEAD for load balancers and uptime checkers: the GET answer without its body (kept out of
     # the schema, where it would be a second operation for generated clients to carry)
-    for path, probe in (("/livez", livez), ("/readyz", readyz), ("/metrics", prometheus)):
+    for path, probe in (("/livez", livez), ("/readyz", readyz), ("/metrics", get_metrics)):
         app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/", include_in_schema=False)
