@@ -61,7 +61,9 @@ class Supervised:
         self.started.wait()
 
     def _spawn(self) -> None:
-        self.proc = subprocess.Popen(self.command(), env=self.env, preexec_fn=_die_with_parent)
+        # Its own session: a Ctrl-C in the terminal reaches serve alone, which then stops its
+        # children in order (the worker finishes its batch before Redis goes).
+        self.proc = subprocess.Popen(self.command(), env=self.env, preexec_fn=_die_with_parent, start_new_session=True)
         self.pidfile.write_text(f"{self.proc.pid}\n")
         self.started.set()
 
