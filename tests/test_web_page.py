@@ -25,7 +25,7 @@ import pytest
 from conftest import PHOTO
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_helpers import Proc, free_port, pid_gone, redis_server_pids, service_env, wait_for
+from service_helpers import Proc, answers_ok, free_port, pid_gone, redis_server_pids, service_env, wait_for
 
 from ctsr.settings import Settings
 from service.app import STATIC, create_app
@@ -248,7 +248,7 @@ def test_docs_render_offline(sync_api: Any, redis: Any, tmp_path: Path) -> None:
                 tmp_path / "gateway.log")  # fmt: skip
     elsewhere: list[str] = []
     try:
-        wait_for(lambda: _answers(f"{base}/livez"), 30, interval=0.1, what="the gateway")
+        wait_for(lambda: answers_ok(f"{base}/livez"), 30, interval=0.1, what="the gateway")
         operations = len([op for ops in httpx.get(f"{base}/openapi.json").json()["paths"].values() for op in ops])
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
@@ -274,10 +274,3 @@ def test_docs_render_offline(sync_api: Any, redis: Any, tmp_path: Path) -> None:
         assert elsewhere == [], f"the docs tried to load {elsewhere}"
     finally:
         proc.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
