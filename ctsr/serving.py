@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,28 +84,26 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _pings(path: Path) -> bool:
+def _ask(path: Path, question: Callable[[Any], object]) -> bool:
+    """Ask the embedded Redis on ``path`` something; False while it does not answer."""
     from redis import Redis
     from redis.exceptions import RedisError
 
     try:
         with Redis(unix_socket_path=str(path), socket_timeout=1, socket_connect_timeout=1) as client:
-            return bool(client.ping())
+            return bool(question(client))
     except RedisError:
         return False
+
+
+def _pings(path: Path) -> bool:
+    return _ask(path, lambda client: client.ping())
 
 
 def _workers_ready(path: Path) -> bool:
-    from redis import Redis
-    from redis.exceptions import RedisError
-
     from .contract import READY_PATTERN
 
-    try:
-        with Redis.from_url(f"unix://{path}", socket_timeout=1, socket_connect_timeout=1) as client:
-            return next(client.scan_iter(READY_PATTERN, count=100), None) is not None
-    except RedisError:
-        return False
+    return _ask(path, lambda client: next(client.scan_iter(READY_PATTERN, count=100), None) is not None)
 
 
 def serve(settings: Settings, host: str, port: int, state_dir: Path | None = None) -> int:

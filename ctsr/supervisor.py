@@ -79,6 +79,8 @@ class Supervised:
             code = self.proc.returncode
             if self.stopping.is_set():
                 return
+            if not self.was_ready and self.ready():  # it got ready between two looks (a ready key outlives it)
+                self.was_ready = True
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < self.window_s] + [now]
             if not self.was_ready:
