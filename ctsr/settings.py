@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     max_pixels: int = Field(16_000_000, ge=64)  # LR pixels accepted per upload
     max_side: int = Field(8192, ge=16)
     max_alphas: int = Field(8, ge=1)
+    #: Output pixels a job may produce, all alphas together (413 beyond). It bounds a worker's memory
+    #: (a 2000x1500 upload with 3 alphas, 144 MP, took 4.2 GB on the CPU path) and keeps each result
+    #: far below Redis's 512 MB value limit.
+    max_output_pixels: int = Field(128_000_000, ge=1024)
     scale: int = Field(4, ge=1)  # the served model's factor (every bundled model is x4); workers check it
     #: /readyz also waits for a warm worker. Set false where workers scale to zero (KEDA): gateways
     #: must take uploads for the queue to grow and the autoscaler to start a worker.

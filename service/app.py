@@ -306,7 +306,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             await asyncio.get_running_loop().run_in_executor(None, check_url, webhook, settings)
         data = await upload.read()
         width, height = check_image(data, settings)
-        check_output_size(width, height, options.format, settings)
+        check_output_size(width, height, options.format, len(options.alphas), settings)
         if queue.count >= settings.max_queue_depth:
             raise APIError(429, "queue_full", "the queue is full; retry later", {"Retry-After": "10"})
         job_id = new_job_id()

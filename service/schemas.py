@@ -150,7 +150,7 @@ ROUTE_RESPONSES: dict[str, dict[int | str, dict[str, Any]]] = {
         },
         400: error("`missing_image`, `empty_image`, `malformed_form`, `invalid_webhook`, `webhooks_disabled`, ..."),
         401: UNAUTHORIZED,
-        413: error("`upload_too_large`, `image_too_large`"),
+        413: error("`upload_too_large`, `image_too_large`, `output_too_large` (all alphas' output pixels)"),
         415: error("`unsupported_image`"),
         422: error(
             "`corrupt_image`, `image_too_small`, `invalid_alpha`, `too_many_alphas`, `invalid_format`, "

@@ -150,8 +150,9 @@ def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
     return width, height
 
 
-def check_output_size(width: int, height: int, fmt: str, settings: Settings) -> None:
-    """Refuse, before queueing, a result the requested format cannot hold (WebP: 16383 px a side)."""
+def check_output_size(width: int, height: int, fmt: str, alphas: int, settings: Settings) -> None:
+    """Refuse, before queueing, what a worker could not afford to make (CTSR_MAX_OUTPUT_PIXELS, all
+    alphas together) or the requested format cannot hold (WebP: 16383 px a side)."""
     out_w, out_h = width * settings.scale, height * settings.scale
     limit = FORMAT_MAX_SIDE[fmt]
     if max(out_w, out_h) > limit:
@@ -159,4 +160,11 @@ def check_output_size(width: int, height: int, fmt: str, settings: Settings) -> 
             422,
             "output_too_large_for_format",
             f"{width}x{height} upscales to {out_w}x{out_h}, beyond {fmt}'s {limit}-pixel side limit; ask for png",
+        )
+    if out_w * out_h * alphas > settings.max_output_pixels:
+        raise APIError(
+            413,
+            "output_too_large",
+            f"{width}x{height} at {alphas} alpha(s) makes {out_w * out_h * alphas} output pixels; the limit is "
+            f"{settings.max_output_pixels} (fewer alphas or a smaller image)",
         )

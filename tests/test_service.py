@@ -485,6 +485,18 @@ def test_results_are_streamed_not_read_whole(stack: Stack, monkeypatch: pytest.M
     assert decode(response.content).size == (24 * 4, 20 * 4)
 
 
+def test_a_job_that_would_make_too_many_output_pixels_is_refused_up_front(stack: Stack) -> None:
+    """CTSR_MAX_OUTPUT_PIXELS counts every alpha's output: decided from the header, nothing stored."""
+    stack.settings.max_output_pixels = 1_000_000  # the app reads its settings per request
+    small = encode(Image.new("RGB", (200, 200), (80, 120, 160)), "PNG")  # 640 000 output pixels per alpha
+    assert stack.submit(small, (0.5,)).status_code == 202
+    before = set(stack.redis.keys())
+    refused = stack.submit(small, (0.0, 1.0))  # 1 280 000
+    assert_error(refused, 413, "output_too_large")
+    assert "1280000 output pixels" in refused.json()["error"]["message"]
+    assert set(stack.redis.keys()) == before and stack.queue.count == 1
+
+
 def test_result_before_finished_and_unknown_alpha(stack: Stack) -> None:
     job_id = stack.accepted(VALID, alphas=(0.25, 0.75))
     assert_error(stack.result(job_id), 409, "not_finished")
