@@ -113,7 +113,9 @@ class Settings(BaseSettings):
     compile: bool = False
     tile: int = Field(128, ge=16)
     max_batch: int = Field(8, ge=1)  # tiles per forward pass
-    max_batch_wait_ms: int = Field(20, ge=0)  # how long a batch may wait to fill
+    #: How long a batch may wait to fill, only while other jobs are running (a lone request on an
+    #: idle service goes at once).
+    max_batch_wait_ms: int = Field(20, ge=0)
     max_jobs_per_pull: int = Field(16, ge=1)
     #: Each worker's own /metrics. Loopback by default like the gateway (the images set 0.0.0.0);
     #: not 9100, which node_exporter holds on most hosts. 0: no metrics server.

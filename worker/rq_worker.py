@@ -170,6 +170,7 @@ class BatchWorker(SimpleWorker):
         pulled = [first]
         tiles = self._tiles(first[0])
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
+        waiting = None  # decided at the first empty look: is company likely?
         while len(pulled) < self.settings.max_jobs_per_pull and tiles < self.settings.max_batch:
             more = self.queue_class.dequeue_any(
                 self.queues, None, connection=self.connection, job_class=self.job_class, serializer=self.serializer
@@ -177,10 +178,12 @@ class BatchWorker(SimpleWorker):
             if more is not None:
                 pulled.append(more)
                 tiles += self._tiles(more[0])
-            elif time.monotonic() >= deadline:
+                continue
+            if waiting is None:  # nothing queued: wait for company only while other jobs are running
+                waiting = any(q.started_job_registry.get_job_count(cleanup=False) for q in self.queues)
+            if not waiting or time.monotonic() >= deadline:
                 break
-            else:
-                time.sleep(0.002)
+            time.sleep(0.002)
         return pulled
 
     def _tiles(self, job: Job) -> int:
