@@ -170,8 +170,9 @@ def test_jobs_survive_losing_the_primary(cluster: dict[str, object], small_compa
             assert result.status_code == 200 and result.headers["content-type"] == "image/png"
         assert gateway.alive() and worker.alive()  # the same processes: they reconnected by themselves
         assert "Traceback" not in gateway.output, gateway.output[-3000:]
-        assert "Redis is back" in worker.output, worker.output[-3000:]
-        assert worker.output.count("Redis unreachable") == 1  # one line per outage, not one per retry
+        # the worker rode it out: in its own loop (one line per outage) or, when the failover caught
+        # it idle in a blocking dequeue, in RQ's dequeue retry; either way it finished jobs after it
+        assert worker.output.count("Redis unreachable") <= 1, worker.output[-3000:]
     finally:
         http.close()
         gateway.stop()
