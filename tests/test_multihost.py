@@ -32,7 +32,8 @@ from service_helpers import Proc, jpeg, service_env, wait_for
 TAG = f"ct{os.getpid() % 100000}"  # names unique to this run (interface names stay under 16 bytes)
 NET = f"10.213.{os.getpid() % 250}"
 HOSTS = {"redis": 2, "gw1": 11, "gw2": 12, "wk1": 21, "wk2": 22}
-BIG = (384, 288)  # seconds of CPU per batch: long enough to be caught mid-batch
+BIG = (384, 288)  # about a second of CPU per job: long enough to be caught mid-batch
+LONG = (768, 576)  # several seconds: the link is cut mid-batch even on a fast machine
 CUT_S = 10
 
 
@@ -141,11 +142,11 @@ def test_jobs_finish_exactly_once_across_hosts(network: Network, small_compact_c
         image = jpeg(*BIG)
         jobs: list[str] = []
 
-        def submit(n: int) -> list[str]:
+        def submit(n: int, data: bytes = image) -> list[str]:
             new = []
             for i in range(n):
                 r = gateways[i % 2].post(
-                    "/upscale", files={"image": ("p.jpg", image, "image/jpeg")}, data={"alpha": "0.5"}
+                    "/upscale", files={"image": ("p.jpg", data, "image/jpeg")}, data={"alpha": "0.5"}
                 )
                 assert r.status_code == 202, r.text
                 new.append(r.json()["id"])
@@ -168,7 +169,7 @@ def test_jobs_finish_exactly_once_across_hosts(network: Network, small_compact_c
         # 2. the host comes back; then the other worker host's link is cut for 10 s mid-batch
         workers["wk1"] = start_worker("wk1")
         wait_for(lambda: _ready_workers(gateways[0]) == 2, 120, interval=0.2, what="wk1 back")
-        batch = submit(6)
+        batch = submit(4, jpeg(*LONG))
         wait_for(lambda: running_on(workers["wk2"]), 60, interval=0.02, what="wk2 mid-batch")
         network.link("wk2", "down")
         time.sleep(CUT_S)
