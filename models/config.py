@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 from .errors import CheckpointError, ConfigError
 
-FORMAT_VERSION = 1
+#: 2 added ``band_split`` (a checkpoint that sets it decodes differently, so older readers refuse it).
+FORMAT_VERSION = 2
 CONFIG_NAME = "config.json"
 
 C = TypeVar("C")
@@ -28,13 +29,21 @@ class StudentConfig:
     arch: dict[str, Any]
     format_version: int = FORMAT_VERSION
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: Band-split decoding (``models.bandsplit``); None decodes ``z_alpha`` alone.
+    band_split: dict[str, Any] | None = None
+
+    @property
+    def layout_version(self) -> int:
+        """The oldest format that describes this config, so older readers still load what they can."""
+        return 2 if self.band_split is not None else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format_version": self.format_version,
+            "format_version": self.layout_version,
             "family": self.family,
             "scale": self.scale,
             "arch": self.arch,
+            **({"band_split": self.band_split} if self.band_split is not None else {}),
             "provenance": self.provenance,
         }
 
@@ -64,6 +73,7 @@ class StudentConfig:
             arch=dict(data["arch"]),
             format_version=version,
             provenance=dict(data.get("provenance") or {}),
+            band_split=data.get("band_split"),
         )
 
     def save(self, folder: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .bandsplit import BandSplit
 from .config import StudentConfig
 from .errors import ConfigError
 
@@ -33,6 +34,7 @@ class CTSRStudent(nn.Module, ABC):
         super().__init__()
         self.config = config
         self.scale = config.scale
+        self.band_split = BandSplit.from_config(config.band_split)
 
     # -- the three stages ---------------------------------------------------------------------
     @abstractmethod
@@ -58,14 +60,13 @@ class CTSRStudent(nn.Module, ABC):
     def forward(self, lr: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
         """Batched SR with a per-sample alpha (one batch may mix alphas)."""
         alpha = torch.as_tensor(alpha, dtype=torch.float32, device=lr.device).expand(lr.shape[0])
-        z0 = self.encode(lr)
-        v = None if bool((alpha == 0).all()) else self.velocity(z0)
-        return self.decode(self.mix(z0, v, alpha))
+        return torch.cat(self.generate(lr, [[float(a)] for a in alpha.tolist()]))
 
     def sweep(self, lr: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
         """SR at several alphas for every sample: ``[len(alphas), B, 3, H*s, W*s]``.
 
-        ``z0`` and ``v`` are computed once; only the decoder runs per alpha.
+        ``z0`` and ``v`` are computed once; only the decoder runs per alpha (and, with band-split
+        decoding, once more per alpha whose low band sits at a path position not in the sweep).
         """
         outputs = self.generate(lr, [alphas] * lr.shape[0])
         return torch.stack(outputs, dim=1)
@@ -87,15 +88,28 @@ class CTSRStudent(nn.Module, ABC):
         z0 = self.encode(lr)
         need_v = any(a != 0 for sample in alphas for a in sample)
         v = self.velocity(z0) if need_v else None
-        index = torch.tensor([i for i, sample in enumerate(alphas) for _ in sample], device=lr.device)
-        flat = torch.tensor([float(a) for sample in alphas for a in sample], device=lr.device)
+        # Every (sample, path position) to decode once: each alpha, and its low band's position.
+        wanted = [(i, float(a), self._low_position(float(a), v)) for i, sample in enumerate(alphas) for a in sample]
+        latents = list(dict.fromkeys(key for i, a, low in wanted for key in ((i, a), (i, low))))
         chunk = decode_batch or lr.shape[0]
-        decoded = []
-        for start in range(0, len(flat), chunk):
-            idx, a = index[start : start + chunk], flat[start : start + chunk]
-            decoded.append(self.decode(self.mix(z0[idx], None if v is None else v[idx], a)))
-        out = torch.cat(decoded) if decoded else lr.new_zeros((0, 3, 1, 1))
+        images: dict[tuple[int, float], torch.Tensor] = {}
+        for start in range(0, len(latents), chunk):
+            keys = latents[start : start + chunk]
+            idx = torch.tensor([i for i, _ in keys], device=lr.device)
+            a = torch.tensor([p for _, p in keys], device=lr.device)
+            images.update(zip(keys, self.decode(self.mix(z0[idx], None if v is None else v[idx], a)), strict=True))
+        outputs = [
+            images[(i, a)] if low == a else self._compose(images[(i, low)], images[(i, a)]) for i, a, low in wanted
+        ]
+        out = torch.stack(outputs) if outputs else lr.new_zeros((0, 3, 1, 1))
         return list(out.split([len(sample) for sample in alphas]))
+
+    def _low_position(self, alpha: float, v: torch.Tensor | None) -> float:
+        return alpha if self.band_split is None or v is None else self.band_split.low_position(alpha)
+
+    def _compose(self, low: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+        assert self.band_split is not None
+        return self.band_split.compose(low[None], detail[None])[0]
 
     # -- training hooks (used by models.training) ------------------------------------------------
     #: ``z0`` has the LR image's height and width, so stage 2 (whose encoder is frozen) can compute it

@@ -5,6 +5,7 @@ Nothing here mocks torch: every student is a real ``models`` student with real w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -66,6 +67,14 @@ def make_compact(velocity_gain: float = 1.0, seed: int = 0, **arch: int) -> mode
             head.weight.mul_(velocity_gain)
             head.bias.mul_(velocity_gain)
     return student
+
+
+def with_band_split(student: models.CTSRStudent, sigma: float, lead: float) -> models.CTSRStudent:
+    """The same weights, built from a config that adds band-split decoding (``models.bandsplit``)."""
+    config = dataclasses.replace(student.config, band_split={"sigma": sigma, "lead": lead})
+    split = models.build_student(config).eval()
+    split.load_state_files(student.state_files())
+    return split
 
 
 def perturb_lora(student: torch.nn.Module, std: float = 0.02) -> int:

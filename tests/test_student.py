@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import count_calls, make_compact, make_rrdb, make_sd21, perturb_lora, photo_crop
+from conftest import count_calls, make_compact, make_rrdb, make_sd21, perturb_lora, photo_crop, with_band_split
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 import models
+from models.bandsplit import gaussian_blur
 from models.presets import load_preset
 
 FAMILIES = ["compact", "rrdb", "sd21"]
@@ -285,6 +287,85 @@ def test_rrdb_branch_round_trips_merges_and_shares_the_trunk(tmp_path: Path, mon
     with torch.no_grad():
         assert _max_diff(loaded.sweep(lr, [0.0, 0.5, 1.0]), before) <= 1e-5
     assert trunk.calls == [2]
+
+
+# -- band-split decoding: the low band runs ahead of the detail along the path -------------------
+def test_band_split_keeps_the_ends_and_takes_the_low_band_from_further_along() -> None:
+    student, teacher = _branch_student_and_teacher()
+    student.warm_start_velocity(teacher)
+    split, lr = with_band_split(student, sigma=2.0, lead=4.0), _lr("rrdb", 2)
+    with torch.no_grad():
+        plain = dict(zip([0.0, 0.1, 0.4, 0.5, 1.0], student.sweep(lr, [0.0, 0.1, 0.4, 0.5, 1.0]), strict=True))
+        ends = split(lr, torch.tensor([0.0, 1.0]))
+        assert _max_diff(ends[0], plain[0.0][0]) <= 1e-6 and _max_diff(ends[1], plain[1.0][1]) <= 1e-6
+        # alpha 0.5: detail from z_0.5, low band from z_1 (lead 4 reaches the end at 0.25)
+        expected = plain[0.5] + gaussian_blur(plain[1.0] - plain[0.5], 2.0)
+        assert _max_diff(split(lr, 0.5), expected) <= 1e-5
+        # alpha 0.1: low band from z_0.4
+        expected = plain[0.1] + gaussian_blur(plain[0.4] - plain[0.1], 2.0)
+        assert _max_diff(split(lr, 0.1), expected) <= 1e-5
+        assert _max_diff(split(lr, 0.5), plain[0.5]) > 1e-3  # the split changes the middle
+        # per-sample alphas in one batch, and a sweep, give what single runs give
+        mixed = split(lr, torch.tensor([0.1, 0.5]))
+        assert _max_diff(mixed[0], split(lr[:1], 0.1)[0]) <= 1e-5
+        assert _max_diff(mixed[1], split(lr[1:], 0.5)[0]) <= 1e-5
+        sweep = split.sweep(lr, [0.0, 0.1, 0.5, 1.0])
+        assert _max_diff(sweep[1], split(lr, 0.1)) <= 1e-5 and _max_diff(sweep[2], split(lr, 0.5)) <= 1e-5
+
+
+def test_band_split_decodes_each_path_position_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    student, teacher = _branch_student_and_teacher()
+    student.warm_start_velocity(teacher)
+    split, lr = with_band_split(student, sigma=2.0, lead=4.0), _lr("rrdb", 2)
+    decode = count_calls(monkeypatch, split, "decode", lambda x: x.shape[0])
+    with torch.no_grad():
+        split.sweep(lr, [0.0, 0.25, 0.5, 0.75, 1.0])  # every low band sits at alpha 0 or 1: no extra decode
+        assert sum(decode.calls) == 2 * 5
+        decode.calls.clear()
+        split(lr, 0.5)  # one alpha in the middle: its detail and its low band
+        assert sum(decode.calls) == 2 * 2
+        decode.calls.clear()
+        split(lr, torch.tensor([0.0, 1.0]))  # the ends need nothing more
+        assert sum(decode.calls) == 2
+
+
+def test_band_split_with_an_untrained_velocity_leaves_alpha_without_effect() -> None:
+    student, _ = _branch_student_and_teacher()
+    split = with_band_split(student, sigma=2.0, lead=4.0)
+    with torch.no_grad():
+        sweep = split.sweep(_lr("rrdb", 2), [0.0, 0.1, 0.5, 1.0])
+    assert all(torch.equal(sweep[0], sweep[k]) for k in (1, 2, 3))
+
+
+def test_band_split_round_trips_and_bad_settings_are_refused(tmp_path: Path) -> None:
+    student, teacher = _branch_student_and_teacher()
+    student.warm_start_velocity(teacher)
+    split, lr = with_band_split(student, sigma=3.0, lead=4.0), _lr("rrdb", 1)
+    folder = split.save_pretrained(tmp_path / "split")
+    on_disk = json.loads((folder / "config.json").read_text())
+    assert on_disk["band_split"] == {"sigma": 3.0, "lead": 4.0} and on_disk["format_version"] == 2
+    loaded = models.load_student(folder).eval()
+    with torch.no_grad():
+        assert _max_diff(loaded(lr, 0.5), split(lr, 0.5)) <= 1e-6
+    for bad, message in [
+        ({"sigma": 3.0}, "'sigma' and 'lead'"),
+        ({"sigma": 0, "lead": 4}, "sigma must be > 0"),
+        ({"sigma": 3, "lead": 0.5}, "lead must be >= 1"),
+        ({"sigma": "wide", "lead": 4}, "must be numbers"),
+    ]:
+        on_disk["band_split"] = bad
+        (folder / "config.json").write_text(json.dumps(on_disk))
+        with pytest.raises(models.CheckpointError, match=message):
+            models.load_student(folder)
+
+
+def test_gaussian_blur_keeps_flat_images_and_handles_images_smaller_than_its_radius() -> None:
+    flat = torch.full((1, 3, 5, 7), 0.25)
+    assert torch.allclose(gaussian_blur(flat, 3.0), flat)  # radius 9 > the image: replicated edges
+    image = photo_crop(3, 4, 40, 30)[None]
+    blurred = gaussian_blur(image, 2.0)
+    assert blurred.shape == image.shape
+    assert float(blurred.std()) < float(image.std())
 
 
 def test_a_family_must_implement_the_whole_interface() -> None:
