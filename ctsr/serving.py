@@ -115,6 +115,9 @@ def serve(settings: Settings, host: str, port: int, state_dir: Path | None = Non
     from .supervisor import Supervised, lock_state_dir, stop_leftover
 
     _logging()
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored; the
+    # supervisor is meant to stop on SIGINT however it was launched (Ctrl-C, `kill -INT`, tests).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     state = Path(state_dir or settings.state_dir or default_state_dir()).expanduser()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = lock_state_dir(state)

@@ -147,16 +147,28 @@ def service_env(**ctsr: Any) -> dict[str, str]:
     return env
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Proc:
     """A ``ctsr`` subprocess in its own session, its output in a file (no pipe to fill up)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path, prefix: tuple[str, ...] = ()) -> None:
-        """``prefix``: a command that execs the rest, e.g. ``("ip", "netns", "exec", NAME)``."""
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log: Path,
+        prefix: tuple[str, ...] = (),
+        sigint_ignored: bool = False,
+    ) -> None:
+        """``prefix``: a command that execs the rest, e.g. ``("ip", "netns", "exec", NAME)``;
+        ``sigint_ignored``: start it as a shell starts a background job, SIGINT ignored."""
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             [*prefix, str(CTSR), *args], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_ignore_sigint if sigint_ignored else None,
         )  # fmt: skip
         self.pid = self.popen.pid
 

@@ -124,7 +124,13 @@ class Serve:
     """``ctsr serve`` on a free port, with its worker child and embedded redis-server found."""
 
     def __init__(
-        self, model: Path, tmp_path: Path, procs: list[Proc], port: int | None = None, **settings: Any
+        self,
+        model: Path,
+        tmp_path: Path,
+        procs: list[Proc],
+        port: int | None = None,
+        sigint_ignored: bool = False,
+        **settings: Any,
     ) -> None:
         self.state = tmp_path / "state"  # kept between runs: a second Serve on one tmp_path finds the data
         env = service_env(model=model, tile=32, max_batch=8, warmup=0, worker_metrics_port=0, state_dir=self.state,
@@ -132,7 +138,8 @@ class Serve:
         redis_before = redis_server_pids()
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc(["serve", "--port", str(self.port)], env, tmp_path / f"serve-{len(procs)}.log")
+        log = tmp_path / f"serve-{len(procs)}.log"
+        self.proc = Proc(["serve", "--port", str(self.port)], env, log, sigint_ignored=sigint_ignored)
         procs.append(self.proc)
         wait_for(self._ready, timeout=60, interval=0.2, what="ctsr serve to be ready")
         self.children = {c.pid: c.cmdline() for c in self.proc.descendants()}
@@ -167,7 +174,8 @@ class Serve:
 
 @pytest.mark.slow
 def test_serve_end_to_end(small_compact_ckpt: Path, tmp_path: Path, procs: list[Proc]) -> None:
-    serve = Serve(small_compact_ckpt, tmp_path, procs)
+    # launched as a shell launches a background job (SIGINT ignored): Ctrl-C / SIGINT must still stop it
+    serve = Serve(small_compact_ckpt, tmp_path, procs, sigint_ignored=True)
     try:
         assert serve.redis_dir.is_dir()
         with httpx.Client(base_url=serve.base, timeout=30) as http:
