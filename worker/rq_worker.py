@@ -3,13 +3,15 @@
 RQ dequeues one job per loop and (by default) forks per job, which cannot reuse a CUDA
 context. This worker keeps RQ's own bookkeeping — intermediate queue, started/finished/failed
 registries, executions, results, retries, heartbeats — by calling the same lifecycle methods
-RQ's SimpleWorker calls, only for a group of jobs around one batched model run:
+RQ's SimpleWorker calls, only for a group of jobs around one batched model run. Those methods are
+RQ internals: every call goes through ``worker/rq_adapter.py`` (checked against the installed RQ by
+``tests/test_rq_adapter.py``), and this module uses only RQ's public API besides.
 
-1. block for the first job (``dequeue_job_and_maintain_ttl``), then keep pulling without
-   blocking until the group has ``max_batch`` tiles or ``max_batch_wait_ms`` has passed;
-2. ``prepare_execution`` + ``prepare_job_execution`` for each (status *started*, heartbeats);
+1. block for the first job (``dequeue_first``), then keep pulling without blocking
+   (``dequeue_nowait``) until the group has ``max_batch`` tiles or ``max_batch_wait_ms`` has passed;
+2. ``start_execution`` for each (status *started*, started registry, heartbeats);
 3. run them together under the tightest job timeout (RQ's death penalty);
-4. ``_finalize_success`` / ``_finalize_failure`` for each (results, registries, retries).
+4. ``finish_success`` / ``finish_failure`` for each (results, registries, retries).
 
 A worker killed mid-batch leaves its jobs in the started registry; their heartbeats expire
 after ``heartbeat_grace_s`` and RQ's registry maintenance (run by any other worker every
@@ -27,8 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.timeouts import JobTimeoutException
-from rq.utils import now
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker import SimpleWorker
 
 from ctsr.blobs import BlobStore, FileBlobStore
 from ctsr.contract import (
@@ -45,9 +46,11 @@ from ctsr.contract import (
 from ctsr.settings import Settings
 from models.errors import CTSRError
 
+from . import rq_adapter as rqa
 from .engine import BatchEngine
 from .metrics import WorkerMetrics
 from .process import BatchAbandoned, process_jobs
+from .rq_adapter import Execution
 
 OUTAGE_BACKOFF_MAX_S = 5.0  # longest wait between reconnection tries
 
@@ -107,19 +110,18 @@ class BatchWorker(SimpleWorker):
     # -- the loop ------------------------------------------------------------------------------
     def work_batches(self, burst: bool = False, max_batches: int | None = None) -> int:
         """Run until stopped (SIGTERM/SIGINT finish the batch in hand first). Returns jobs done."""
-        self.bootstrap()
-        self._install_signal_handlers()
+        rqa.bootstrap(self)
         self.mark_ready()  # the caller has loaded (and warmed) the model by now
         done = batches = 0
         outage = 0.0  # seconds to wait before the next try while Redis is unreachable
         try:
-            while not self._stop_requested:
+            while not rqa.stop_requested(self):
                 try:
                     if outage:
                         self._rejoin()
                         self.log.info("worker %s: Redis is back; taking jobs again", self.name)
                         outage = 0.0
-                    if self.should_run_maintenance_tasks:
+                    if rqa.maintenance_due(self):
                         self.run_maintenance_tasks()
                     pulled = self.pull(burst)
                     if not pulled:
@@ -141,7 +143,7 @@ class BatchWorker(SimpleWorker):
                     outage = min(max(outage * 2, 0.25), OUTAGE_BACKOFF_MAX_S)
                     self._sleep_unless_stopped(outage)
         except Exception as exc:  # StopRequested while idle, or a bug
-            if type(exc).__name__ != "StopRequested":
+            if not isinstance(exc, rqa.StopRequested):
                 self.log.exception("worker %s: stopping after an unexpected error", self.name)
         finally:
             self.teardown()
@@ -150,37 +152,33 @@ class BatchWorker(SimpleWorker):
     def _rejoin(self) -> None:
         """After an outage: a promoted replica may not have this worker's registration (replication
         is asynchronous); register again so the worker counts as alive, then heart-beat."""
-        if not self.connection.exists(self.key):
-            self.register_birth()
-        self.set_state(WorkerStatus.IDLE)
+        rqa.ensure_registered(self)
+        rqa.mark_idle(self)
         self.heartbeat()
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while not self._stop_requested and time.monotonic() < deadline:
+        while not rqa.stop_requested(self) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def pull(self, burst: bool = False) -> list[tuple[Job, Queue]]:
         # short blocking rounds: an idle worker must still run maintenance (abandoned-job recovery)
-        timeout = min(self.dequeue_timeout, self.settings.maintenance_interval_s)
-        first = self.dequeue_job_and_maintain_ttl(None if burst else timeout)
+        first = rqa.dequeue_first(self, None if burst else self.settings.maintenance_interval_s)
         if first is None:
             return []
-        self.set_state(WorkerStatus.BUSY)  # from here SIGTERM only asks to stop after this batch
+        rqa.mark_busy(self)  # from here SIGTERM only asks to stop after this batch
         pulled = [first]
         tiles = self._tiles(first[0])
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
         waiting = None  # decided at the first empty look: is company likely?
         while len(pulled) < self.settings.max_jobs_per_pull and tiles < self.settings.max_batch:
-            more = self.queue_class.dequeue_any(
-                self.queues, None, connection=self.connection, job_class=self.job_class, serializer=self.serializer
-            )
+            more = rqa.dequeue_nowait(self)
             if more is not None:
                 pulled.append(more)
                 tiles += self._tiles(more[0])
                 continue
             if waiting is None:  # nothing queued: wait for company only while other jobs are running
-                waiting = any(q.started_job_registry.get_job_count(cleanup=False) for q in self.queues)
+                waiting = rqa.jobs_running(self)
             if not waiting or time.monotonic() >= deadline:
                 break
             time.sleep(0.002)
@@ -194,14 +192,12 @@ class BatchWorker(SimpleWorker):
         running = []
         for job, queue in pulled:
             if not self._claim(job):  # canceled between its dequeue and now: it must not start
-                self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+                rqa.drop_dequeued(self, queue, job)
                 self.metrics.jobs.labels("canceled").inc()
                 continue
-            if job.retries_left is not None and job.retries_left < self.settings.job_retries:
+            if (left := rqa.retries_left(job)) is not None and left < self.settings.job_retries:
                 self.metrics.jobs_retried.inc()  # its earlier run was abandoned (worker died) or failed
-            execution = self.prepare_execution(job)
-            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
-            job.started_at = now()
+            execution = rqa.start_execution(self, job)
             payload = JobPayload.from_dict(job.args[0])
             self.metrics.queue_wait_seconds.observe(max(time.time() - payload.submitted_at, 0))
             if payload.deadline and time.time() > payload.deadline:
@@ -210,7 +206,7 @@ class BatchWorker(SimpleWorker):
                 continue
             running.append((job, queue, execution, payload))
         if not running:
-            self.set_state(WorkerStatus.IDLE)
+            rqa.mark_idle(self)
             return len(pulled)
 
         self.metrics.batch_jobs.observe(len(running))
@@ -237,9 +233,9 @@ class BatchWorker(SimpleWorker):
             if all(canceled):  # nobody wants the rest of this batch (nor should a SIGTERM wait for it)
                 raise BatchAbandoned(f"all {len(running)} job(s) of the batch were canceled")
             for job, _, execution, _ in running:
-                self.maintain_heartbeats(job, execution)
+                rqa.heartbeat_execution(self, job, execution)
 
-        timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job, *_ in running)
+        timeout = min(rqa.job_timeout(self, job) for job, *_ in running)
         oom_before = self.engine.runner.oom_retries
         start = time.perf_counter()
         try:
@@ -270,10 +266,10 @@ class BatchWorker(SimpleWorker):
             elif isinstance(outcome, BaseException):
                 self._fail(job, queue, execution, outcome)
             else:
-                self._finalize_success(job, queue, execution, outcome)
+                rqa.finish_success(self, job, queue, execution, outcome)
                 self.metrics.jobs.labels("finished").inc()
                 self._announce(job)
-        self.set_state(WorkerStatus.IDLE)
+        rqa.mark_idle(self)
         return len(pulled)
 
     def _claim(self, job: Job) -> bool:
@@ -284,17 +280,17 @@ class BatchWorker(SimpleWorker):
             return True
         return self.connection.get(key) != b"cancel"
 
-    def _still_owns(self, queue: Queue, execution: Any) -> bool:
+    def _still_owns(self, queue: Queue, execution: Execution) -> bool:
         """This run is still the job's live execution: RQ's abandoned-job clean-up removes an
         execution whose heartbeat lapsed from the started registry (heartbeats only refresh an
         entry that is still there)."""
-        return self.connection.zscore(queue.started_job_registry.key, execution.composite_key) is not None
+        return rqa.owns_execution(self, queue, execution)
 
-    def _fail(self, job: Job, queue: Queue, execution: Any, exc: BaseException) -> None:
+    def _fail(self, job: Job, queue: Queue, execution: Execution, exc: BaseException) -> None:
         if isinstance(exc, FINAL_ERRORS):
-            job.retries_left = 0
+            rqa.forbid_retries(job)
             self.store.delete(input_key(job.id))  # nothing will read it again
-        self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
+        rqa.finish_failure(self, job, queue, execution, exc)
         # one count per job, not per attempt: an attempt that RQ will retry is "retrying"
         final = job.get_status(refresh=False) == JobStatus.FAILED
         self.metrics.jobs.labels("expired" if isinstance(exc, JobExpired) else "failed" if final else "retrying").inc()
@@ -307,13 +303,11 @@ class BatchWorker(SimpleWorker):
             announce_end(pipe, JobPayload.from_dict(job.args[0]), getattr(status, "value", status))
             pipe.execute()
 
-    def _cancel(self, job: Job, execution: Any, outcome: Any) -> None:
+    def _cancel(self, job: Job, execution: Execution, outcome: Any) -> None:
         """Canceled while running: drop its outputs and record it as canceled, not finished."""
         if isinstance(outcome, dict):
             self.store.delete(*outcome["outputs"].values())
-        with self.connection.pipeline() as pipe:
-            self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            pipe.execute()
+        rqa.drop_execution(self, job, execution)
         cancel_job(job, self.settings.result_ttl_s)
         self.metrics.jobs.labels("canceled").inc()
         self._announce(job)
