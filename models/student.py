@@ -104,6 +104,11 @@ class CTSRStudent(nn.Module, ABC):
         out = torch.stack(outputs) if outputs else lr.new_zeros((0, 3, 1, 1))
         return list(out.split([len(sample) for sample in alphas]))
 
+    def set_band_split(self, settings: dict[str, Any] | None) -> None:
+        """Switch band-split decoding (``models.bandsplit``) on, or off with None; saved with the config."""
+        self.band_split = BandSplit.from_config(settings)
+        self.config.band_split = None if self.band_split is None else self.band_split.to_config()
+
     def _low_position(self, alpha: float, v: torch.Tensor | None) -> float:
         return alpha if self.band_split is None or v is None else self.band_split.low_position(alpha)
 

@@ -410,8 +410,9 @@ def test_rrdb_branch_stage2_starts_from_the_fidelity_teacher(pairs: PairSet, tmp
     teacher = FidelityTeacher({"num_feat": 16, "num_block": 3, "num_grow_ch": 8}).save_pretrained(tmp_path / "fid")
     config = _config(pairs, tmp_path / "s2", stage="stage2", init=str(start), fidelity_teacher=str(teacher),
                      velocity_init="fidelity_teacher", steps=20, lr=2e-3, crop=8, loss={"fidelity": 1.0},
-                     alpha_ends=[0.0, 1.0])  # fmt: skip
+                     alpha_ends=[0.0, 1.0], band_split={"sigma": 3.0, "lead": 4.0})  # fmt: skip
     trained = load_student(train(config, progress=False))
+    assert trained.config.band_split == {"sigma": 3.0, "lead": 4.0}  # saved for serving
     fidelity = _terms(tmp_path / "s2", "fidelity")
     assert fidelity[-1] < fidelity[0] * 0.9, fidelity
     branch, source = trained.velocity_net, FidelityTeacher.from_pretrained(teacher).net

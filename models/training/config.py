@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bandsplit import BandSplit
 from ..config import read_json_object
 from ..errors import ConfigError
 
@@ -69,6 +70,9 @@ class TrainConfig:
     #: stage2: probabilities that a sample's alpha is exactly 0 and exactly 1; the rest is uniform
     #: in (0, 1). [0.5, 0.5] trains only the two ends.
     alpha_ends: tuple[float, float] = (0.0, 0.25)
+    #: stage2: band-split decoding for the saved student (``models.bandsplit``: sigma, lead). The
+    #: losses still see plain decoding of ``z_alpha``; this only sets how the result is served.
+    band_split: dict[str, float] | None = None
     discriminator_features: int = 64  # width of the U-Net critic (adversarial / feature_matching)
     lr_discriminator: float | None = None  # default: lr
     steps: int = 1000
@@ -105,6 +109,7 @@ class TrainConfig:
             raise ConfigError(f"velocity_init must be 'fidelity_teacher' or null, not {self.velocity_init!r}")
         if self.stage == "stage1" and self.loss.fidelity and not self.fidelity_teacher:
             raise ConfigError("loss.fidelity > 0 needs 'fidelity_teacher'")
+        BandSplit.from_config(self.band_split)  # a bad setting fails here, not after training
         self.alpha_ends = tuple(self.alpha_ends)
         if len(self.alpha_ends) != 2 or min(self.alpha_ends) < 0 or sum(self.alpha_ends) > 1:
             raise ConfigError(f"alpha_ends must be two probabilities summing to at most 1, got {list(self.alpha_ends)}")

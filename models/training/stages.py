@@ -220,6 +220,8 @@ class VelocityStage(_StudentStage):
         if self.w.realness or self.w.realness_spectrum:
             self.teachers["t_real"] = "realness_teacher"
         self.gen = torch.Generator().manual_seed(config.seed)  # the alpha sampler; saved with checkpoints
+        if config.band_split is not None:
+            student.set_band_split(config.band_split)
         if config.velocity_init == "fidelity_teacher":  # a resumed run then loads its own weights over it
             from ..teachers.loading import load_teacher, teacher_network
 
