@@ -93,6 +93,8 @@ def make_sd21(seed: int = 0) -> models.CTSRStudent:
     torch.manual_seed(seed)
     student = models.build_student(load_preset("sd21-tiny"))
     perturb_lora(student)
+    with torch.no_grad():  # the velocity starts at exactly zero; give it a trained-looking size
+        student.unet.conv_out.lora_B["velocity"].weight.normal_(0, 0.1)
     return student.eval()
 
 

@@ -1,9 +1,24 @@
 """``sd21``: the paper's student on Stable Diffusion 2.1-base (OSEDiff-style, one step).
 
 * encode   = bicubic ×scale → VAE encoder (+ LoRA "student") → UNet (+ LoRA "student") at a fixed
-  timestep with a stored prompt embedding → ``z0`` by the epsilon-prediction identity;
-* velocity = the same UNet with the separate LoRA "velocity" on ``z0`` → ``v``;
+  timestep with a stored prompt embedding → ``z0`` by the identity of the base's parameterisation
+  (``arch.prediction_type``: ``epsilon`` or ``v_prediction``, read from the base's
+  ``scheduler/scheduler_config.json`` where it has one; any other is refused);
+* velocity = the same UNet with the separate LoRA "velocity" on ``z0`` → ``v``. With
+  ``arch.velocity_zero_init`` (every new student) the velocity's output layer is its ``conv_out``
+  LoRA alone, without the base's ``conv_out``: it starts at B = 0, so an untrained velocity is
+  exactly zero and alpha has no effect until stage 2 trains it (a LoRA of rank >= the UNet's
+  ``out_channels``, 4, is a full-rank output layer). Checkpoints written before the option load
+  with ``velocity_zero_init: false``: their velocity keeps the base's ``conv_out``, as trained;
 * decode   = the frozen VAE decoder.
+
+The prompt embedding (``arch.prompt_embedding``) is ``text_encoder``: ``arch.prompt`` encoded by
+the base's own CLIP text encoder (``text_encoder/`` + ``tokenizer/`` of the base folder) when the
+student is first built, or ``zeros``: an all-zero embedding, an explicit choice for bases without
+a text encoder (random-init test and benchmark bases). A base without a text encoder is refused
+unless ``zeros`` is set; nothing is ever filled with random numbers. ``random`` only describes
+checkpoints written before the option existed (their stored embedding was a random draw); it is
+set when such a checkpoint loads, so ``ctsr model info`` shows it, and a new student refuses it.
 
 The frozen base comes from a local diffusers folder (``unet/``, ``vae/``; never downloaded), or,
 for tests and benchmarks at reduced or full width with random weights, is stored inside the
@@ -18,19 +33,27 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from ..config import StudentConfig, parse_arch
+from ..config import StudentConfig, parse_arch, read_json_object
 from ..errors import CheckpointError, ConfigError
 from ..registry import ARCH_REGISTRY
 from ..student import CTSRStudent
 from .lora import base_keys, copy_named_tensors, lora_config, merge_and_strip
 
+if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
 ADAPTERS_NAME = "adapters.safetensors"
 BASE_NAME = "base.safetensors"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+#: What the UNet's output is, and how :meth:`SD21Student.encode` turns it into ``z0`` in one step.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: Where the prompt embedding comes from (``random``: only checkpoints written before the option).
+PROMPT_EMBEDDINGS = ("text_encoder", "zeros", "random")
 UNET_LORA_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "conv_in", "conv_out", "time_emb_proj",
@@ -78,9 +101,30 @@ class SD21Arch:
     velocity_timestep: int = 999
     prompt: str = ""
     prompt_length: int = 77
+    #: ``text_encoder`` (encode ``prompt`` with the base's text encoder; a base without one is
+    #: refused) or ``zeros`` (an all-zero embedding, chosen explicitly). See the module docstring.
+    prompt_embedding: str = "text_encoder"
+    #: The base UNet's parameterisation (``epsilon`` or ``v_prediction``); a base folder's
+    #: ``scheduler/scheduler_config.json`` sets it (and the beta schedule below).
+    prediction_type: str = "epsilon"
+    #: The velocity's output layer is its conv_out LoRA alone, so v = 0 until trained (new students);
+    #: false: checkpoints written before the option, whose velocity includes the base's conv_out.
+    velocity_zero_init: bool = True
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
+
+    def __post_init__(self) -> None:
+        if self.prompt_embedding not in PROMPT_EMBEDDINGS:
+            raise ValueError(f"prompt_embedding must be 'text_encoder' or 'zeros', not {self.prompt_embedding!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not implemented (epsilon or v_prediction)")
+        if not isinstance(self.velocity_zero_init, bool):
+            raise ValueError(f"velocity_zero_init must be true or false, not {self.velocity_zero_init!r}")
+        for name in ("timestep", "velocity_timestep"):
+            step = getattr(self, name)
+            if not isinstance(step, int) or not 0 <= step < self.num_train_timesteps:
+                raise ValueError(f"{name} must be an integer in [0, {self.num_train_timesteps}), not {step!r}")
 
 
 def _resolve_base(base: str | Path, folder: Path | None) -> Path:
@@ -96,9 +140,66 @@ def _resolve_base(base: str | Path, folder: Path | None) -> Path:
     return path
 
 
+def _scheduler_options(base: Path) -> dict[str, Any]:
+    """The base's noise schedule and parameterisation from ``scheduler/scheduler_config.json``
+    (empty where the folder has none); a schedule this code does not implement is refused."""
+    path = base / SCHEDULER_CONFIG
+    if not path.is_file():
+        return {}
+    sched = read_json_object(path, "scheduler config")
+    prediction = sched.get("prediction_type", "epsilon")  # diffusers' default when the key is absent
+    if prediction not in PREDICTION_TYPES:
+        raise ConfigError(
+            f"sd21: the base at {base} has prediction_type {prediction!r} ({SCHEDULER_CONFIG}); the one-step "
+            "student implements epsilon and v_prediction only"
+        )
+    schedule = sched.get("beta_schedule", "scaled_linear")
+    if schedule != "scaled_linear" or sched.get("trained_betas") is not None:
+        what = "trained_betas" if sched.get("trained_betas") is not None else f"beta_schedule {schedule!r}"
+        raise ConfigError(
+            f"sd21: the base at {base} has {what} ({SCHEDULER_CONFIG}); only scaled_linear is implemented"
+        )
+    options = {"prediction_type": prediction}
+    for key in ("num_train_timesteps", "beta_start", "beta_end"):
+        if key in sched:
+            options[key] = sched[key]
+    return options
+
+
+def _has_text_encoder(base: Path) -> bool:
+    files = (("text_encoder", "config.json"), ("tokenizer", "tokenizer_config.json"))
+    return all((base / sub / name).is_file() for sub, name in files)
+
+
+def _only_velocity_delta(module: BaseTunerLayer, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on the LoRA-wrapped ``conv_out``: its output without the base layer's part."""
+    return output - module.get_base_layer()(*args)
+
+
 def _public(config: Any) -> dict[str, Any]:
     """A diffusers config as plain JSON data, without its private ``_name_or_path``-style keys."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _check_prompt_source(arch: SD21Arch, base: Path | None) -> None:
+    """A new student's prompt embedding must come from somewhere real: refuse a silent stand-in."""
+    if arch.prompt_embedding == "random":
+        raise ConfigError(
+            "sd21: prompt_embedding 'random' only describes checkpoints written before the option existed; "
+            "a new student takes 'text_encoder' or 'zeros'"
+        )
+    if arch.prompt_embedding != "text_encoder" or (base is not None and _has_text_encoder(base)):
+        return
+    where = (
+        "no base folder (arch.base_model / --base): the base is built from its config, without a text encoder"
+        if base is None
+        else f"the base at {base} has no text encoder (text_encoder/config.json + tokenizer/)"
+    )
+    raise ConfigError(
+        f"sd21: cannot encode the prompt: {where}. Point base_model at a diffusers SD-2.1-base folder with "
+        'text_encoder/ and tokenizer/, or set arch "prompt_embedding": "zeros" to use an all-zero prompt '
+        "embedding explicitly"
+    )
 
 
 @ARCH_REGISTRY.register("sd21")
@@ -117,7 +218,7 @@ class SD21Student(CTSRStudent):
         alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.sqrt_abar = float(alphas_cumprod[a.timestep].sqrt())
         self.sqrt_one_minus_abar = float((1 - alphas_cumprod[a.timestep]).sqrt())
-        self.register_buffer("prompt_embeds", torch.randn(1, a.prompt_length, unet.config.cross_attention_dim) * 0.1)
+        self.register_buffer("prompt_embeds", torch.zeros(1, a.prompt_length, unet.config.cross_attention_dim))
         unet.requires_grad_(False)
         vae.requires_grad_(False)
         with warnings.catch_warnings():  # peft warns that a second adapter is intended here
@@ -125,6 +226,8 @@ class SD21Student(CTSRStudent):
             unet.add_adapter(lora_config(a.velocity_rank, UNET_LORA_TARGETS), adapter_name="velocity")
             unet.add_adapter(lora_config(a.lora_rank, UNET_LORA_TARGETS), adapter_name="student")
             vae.add_adapter(lora_config(a.vae_lora_rank, VAE_ENCODER_LORA_PATTERN), adapter_name="student")
+        if a.velocity_zero_init and "velocity" not in getattr(unet.conv_out, "lora_A", {}):
+            raise ConfigError("sd21: velocity_zero_init needs a velocity LoRA on the UNet's conv_out")
 
     # -- stages ---------------------------------------------------------------------------------
     def _unet(self, adapter: str) -> UNet2DConditionModel:
@@ -142,12 +245,22 @@ class SD21Student(CTSRStudent):
         x = (x * 2 - 1).clamp(-1, 1)
         z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
         t = torch.full((z.shape[0],), self.arch.timestep, device=z.device, dtype=torch.long)
-        eps = self._unet("student")(z, t, self._cond(z.shape[0], z.dtype)).sample
-        return (z - self.sqrt_one_minus_abar * eps) / self.sqrt_abar
+        out = self._unet("student")(z, t, self._cond(z.shape[0], z.dtype)).sample
+        if self.arch.prediction_type == "v_prediction":  # out = sqrt(abar)·eps − sqrt(1−abar)·x0
+            return self.sqrt_abar * z - self.sqrt_one_minus_abar * out
+        return (z - self.sqrt_one_minus_abar * out) / self.sqrt_abar  # epsilon: out = eps
 
     def velocity(self, z0: torch.Tensor) -> torch.Tensor:
         t = torch.full((z0.shape[0],), self.arch.velocity_timestep, device=z0.device, dtype=torch.long)
-        return self._unet("velocity")(z0, t, self._cond(z0.shape[0], z0.dtype)).sample
+        unet = self._unet("velocity")
+        if self.unet_velocity is not None or not self.arch.velocity_zero_init:
+            return unet(z0, t, self._cond(z0.shape[0], z0.dtype)).sample
+        # unfused: the shared conv_out also carries the base's weights; the velocity uses its LoRA alone
+        handle = unet.conv_out.register_forward_hook(_only_velocity_delta)
+        try:
+            return unet(z0, t, self._cond(z0.shape[0], z0.dtype)).sample
+        finally:
+            handle.remove()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         x = self.vae.decode(z / self.vae.config.scaling_factor).sample
@@ -183,39 +296,71 @@ class SD21Student(CTSRStudent):
     def build(
         cls, config: StudentConfig, folder: Path | None = None, *, base_model: str | Path | None = None
     ) -> SD21Student:
-        a = parse_arch(SD21Arch, config.arch, cls.family)
+        fresh = folder is None  # a new student; else a checkpoint, whose stored tensors load over it
+        config = StudentConfig.from_dict(config.to_dict())  # the student's own copy, made explicit below
+        arch = config.arch
+        if fresh:
+            arch.setdefault("prompt_embedding", SD21Arch.prompt_embedding)
+            arch.setdefault("velocity_zero_init", True)
+        else:  # written before these options: say what the checkpoint does (shown by `ctsr model info`)
+            encoded = str(config.provenance.get("prompt_embeds", "")).startswith("text encoder of")
+            arch.setdefault("prompt_embedding", "text_encoder" if encoded else "random")
+            arch.setdefault("velocity_zero_init", False)
+        a = parse_arch(SD21Arch, arch, cls.family)
         base = base_model if base_model is not None else a.base_model
-        if base is None:  # the base's weights travel inside the checkpoint (random-init bases)
+        path = None if base is None else _resolve_base(base, folder)
+        if fresh:
+            _check_prompt_source(a, path)
+        if path is None:  # the base's weights travel inside the checkpoint (random-init bases)
             unet = UNet2DConditionModel.from_config(a.unet)
             vae = AutoencoderKL.from_config(a.vae)
         else:
-            path = _resolve_base(base, folder)
+            schedule = _scheduler_options(path)
+            # a new config may leave these to the base; a checkpoint was built with what it records
+            recorded = arch if fresh else {k: getattr(a, k) for k in schedule}
+            for key, value in schedule.items():
+                if key in recorded and recorded[key] != value:
+                    raise ConfigError(
+                        f"sd21: {key} is {recorded[key]!r} in this config but {value!r} in the base at {path} "
+                        f"({SCHEDULER_CONFIG})"
+                    )
             try:
                 unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
                 vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"sd21 base model at {path} cannot be loaded ({exc})") from None
-            config = StudentConfig.from_dict(config.to_dict())
-            config.arch.update(unet=_public(unet.config), vae=_public(vae.config), base_model=str(path))
+            arch.update(unet=_public(unet.config), vae=_public(vae.config), base_model=str(path), **schedule)
         student = cls(config, unet, vae)
-        if folder is None and base is not None:
-            student._init_prompt(Path(config.arch["base_model"]))
+        if fresh:
+            student._init_prompt(path)
         return student
 
-    def _init_prompt(self, base: Path) -> None:
-        """Encode the configured prompt with the base's own text encoder when it has one."""
-        if not (base / "text_encoder" / "config.json").is_file():
+    def _init_prompt(self, base: Path | None) -> None:
+        """Fill the prompt embedding as ``arch.prompt_embedding`` says and record where it came from."""
+        if self.arch.prompt_embedding == "zeros":
+            self.prompt_embeds.zero_()
+            self.config.provenance["prompt_embeds"] = "zeros (arch.prompt_embedding)"
             return
+        assert base is not None and self.arch.prompt_embedding == "text_encoder"  # _check_prompt_source
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True)
-        encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", local_files_only=True)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True)
+            encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"sd21: the text encoder of {base} cannot be loaded ({exc})") from None
         ids = tokenizer(
             self.arch.prompt, padding="max_length", max_length=self.arch.prompt_length,
             truncation=True, return_tensors="pt",
         ).input_ids  # fmt: skip
         with torch.no_grad():
-            self.prompt_embeds.copy_(encoder(ids)[0])
+            embeds = encoder(ids)[0]
+        if embeds.shape != self.prompt_embeds.shape:
+            raise ConfigError(
+                f"sd21: the text encoder of {base} gives embeddings of shape {tuple(embeds.shape)}; the UNet "
+                f"expects {tuple(self.prompt_embeds.shape)} (prompt_length, cross_attention_dim)"
+            )
+        self.prompt_embeds.copy_(embeds)
         self.config.provenance["prompt_embeds"] = f"text encoder of {base}"
 
     def _adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -252,6 +397,10 @@ class SD21Student(CTSRStudent):
         if self.unet_velocity is not None:
             return
         velocity = copy.deepcopy(self.unet)
+        if self.arch.velocity_zero_init:  # the velocity's output layer is its conv_out LoRA alone
+            with torch.no_grad():
+                for param in velocity.conv_out.get_base_layer().parameters():
+                    param.zero_()
         merge_and_strip(velocity, "velocity")
         merge_and_strip(self.unet, "student")
         merge_and_strip(self.vae, "student")
