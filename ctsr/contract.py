@@ -1,23 +1,56 @@
 """The queue contract between the gateway (``service/``) and the workers (``worker/``).
 
 Everything both sides must agree on lives here and nowhere else: the RQ function name, the job
-payload, Redis key names, the result shape and the public job statuses. Imports no torch and
-no web framework.
+payload and its defaults, the output formats, the colour fixes, Redis key names, the result
+shape and the release's version string. The gateway reads these names from here only (never
+from ``models/``). Imports no torch and no web framework.
+
+Where the values come from: what only the wire knows (output formats and their limits, the
+default format and quality, key names) is defined here. What the model pipeline itself knows (its
+colour fixes, its default alpha and colour fix) is defined in :mod:`models.defaults` and
+re-exported here, because ``models/`` must not import ``ctsr`` (nor any web or queue code) while
+the contract may import a torch-free leaf of ``models``: ``models.defaults`` imports nothing, and
+``models/__init__`` loads its torch-backed names lazily, so this module still loads without torch
+(``tests/test_contract.py`` checks it in a fresh interpreter). One definition of each value, and
+the arrow points from the queue to the model, never back. The version string is the installed
+package's (``[project] version`` in ``pyproject.toml``), read through :mod:`importlib.metadata`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# the model's own values (see the module docstring); the ``as`` marks them as re-exported
+from models.defaults import COLOR_FIXES as COLOR_FIXES
+from models.defaults import DEFAULT_ALPHA as DEFAULT_ALPHA
+from models.defaults import DEFAULT_COLOR_FIX as DEFAULT_COLOR_FIX
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("ctsr")
+    except importlib.metadata.PackageNotFoundError:  # a bare checkout, never installed
+        return "0+unknown"
+
+
+#: This release's version (the package's, from pyproject.toml): the API's ``info.version``.
+VERSION = _package_version()
+
 #: RQ calls this for a job; the batching worker runs the same code for many jobs at once.
 JOB_FUNC = "worker.tasks.upscale"
 KEY_PREFIX = "ctsr"
+#: Output format → the content type of its results.
 OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+DEFAULT_FORMAT = "png"
+#: The encoder quality a client may ask for (webp, jpeg), inclusive, and the default.
+QUALITY_RANGE = (1, 100)
+DEFAULT_QUALITY = 90
 #: The longest side each output format can hold; the gateway refuses what a worker could not encode.
 FORMAT_MAX_SIDE = {"png": 2**31 - 1, "webp": 16383, "jpeg": 65535}
 
@@ -61,7 +94,11 @@ def done_key(job_id: str) -> str:
 
 
 def expired_key(job_id: str) -> str:
-    """Marks a job that outlived its queue deadline (it is canceled in RQ, "expired" to clients)."""
+    """Marks a job that outlived its queue deadline (it is canceled in RQ, "expired" to clients).
+
+    Written only by gateways of earlier releases, which expired a queued job when it was polled;
+    expiry is now the worker's alone (it fails the job with :class:`JobExpired`). Still read, so a
+    job such a gateway expired keeps reading as expired during a rolling deploy."""
     return f"{KEY_PREFIX}:expired:{job_id}"
 
 
@@ -119,9 +156,9 @@ class JobPayload:
 
     job_id: str
     alphas: list[float]
-    format: str = "png"
-    quality: int = 90
-    color_fix: str = "wavelet"
+    format: str = DEFAULT_FORMAT
+    quality: int = DEFAULT_QUALITY
+    color_fix: str = DEFAULT_COLOR_FIX
     width: int = 0  # LR size, checked by the gateway
     height: int = 0
     submitted_at: float = field(default_factory=time.time)
@@ -135,6 +172,8 @@ class JobPayload:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobPayload:
+        """Read a payload written by any release: fields this one does not know (a newer writer's)
+        are ignored, fields it does not find (an older writer's) take their defaults."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

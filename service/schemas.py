@@ -1,6 +1,6 @@
 """The gateway's response bodies as pydantic models, for the OpenAPI document only.
 
-The handlers build their JSON by hand (``describe()``, ``APIError``); these models say what that
+The handlers build their JSON by hand (``JobLookup.describe()``, ``APIError``); these models say what that
 JSON is, so that ``/openapi.json`` documents every answer (status code, content type, body,
 headers) and a schema-driven client or fuzzer (``tests/test_schemathesis.py``) can hold the
 gateway to it. ``ROUTE_RESPONSES`` holds the ``responses=`` argument of each route's decorator.
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from ctsr.contract import OUTPUT_FORMATS
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ class JobStatusBody(BaseModel):
     id: str
     status: JobState | Literal["unknown"]
     alphas: list[float]
-    format: Literal["png", "webp", "jpeg"]
+    format: Literal[tuple(OUTPUT_FORMATS)]  # type: ignore[valid-type]  # the contract's formats, in its order
     input: Size
     created_at: str | None = Field(description="ISO 8601")
     started_at: str | None
@@ -94,7 +96,7 @@ class Readiness(BaseModel):
 
 
 # -- request parts the handlers read by hand ------------------------------------------------------------
-#: ``POST /upscale``'s ``Prefer`` header: add ``"parameters": [PREFER_PARAMETER]`` to app.py's UPLOAD_SCHEMA.
+#: ``POST /upscale``'s ``Prefer`` header: add ``"parameters": [PREFER_PARAMETER]`` to routes/jobs.py's UPLOAD_SCHEMA.
 PREFER_PARAMETER: dict[str, Any] = {
     "name": "Prefer",
     "in": "header",

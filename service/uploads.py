@@ -17,9 +17,18 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ctsr.contract import FORMAT_MAX_SIDE, OUTPUT_FORMATS, alpha_label
+from ctsr.contract import (
+    COLOR_FIXES,
+    DEFAULT_ALPHA,
+    DEFAULT_COLOR_FIX,
+    DEFAULT_FORMAT,
+    DEFAULT_QUALITY,
+    FORMAT_MAX_SIDE,
+    OUTPUT_FORMATS,
+    QUALITY_RANGE,
+    alpha_label,
+)
 from ctsr.settings import Settings
-from models.defaults import COLOR_FIXES
 
 from .errors import APIError
 
@@ -74,7 +83,7 @@ def parse_alpha(raw: Any) -> float:
 
 
 def parse_options(form: Any, settings: Settings) -> UpscaleOptions:
-    raw_alphas = form.getlist("alpha") or ["0.5"]
+    raw_alphas = form.getlist("alpha")
     if len(raw_alphas) > settings.max_alphas:
         raise APIError(422, "too_many_alphas", f"at most {settings.max_alphas} alpha values per request")
     alphas: list[float] = []
@@ -83,19 +92,20 @@ def parse_options(form: Any, settings: Settings) -> UpscaleOptions:
         if alpha_label(value) in {alpha_label(a) for a in alphas}:
             raise APIError(422, "invalid_alpha", f"alpha {raw} repeats another once rounded to 3 decimals")
         alphas.append(value)
-    fmt = str(form.get("format") or "png").lower()
+    fmt = str(form.get("format") or DEFAULT_FORMAT).lower()
     if fmt not in OUTPUT_FORMATS:
         raise APIError(422, "invalid_format", f"format must be one of {', '.join(OUTPUT_FORMATS)}")
-    raw_quality = form.get("quality") or "90"
+    low, high = QUALITY_RANGE
+    raw_quality = form.get("quality") or str(DEFAULT_QUALITY)
     if not isinstance(raw_quality, str) or not INTEGER.fullmatch(raw_quality.strip()):
-        raise APIError(422, "invalid_quality", "quality must be an integer in [1, 100]")
+        raise APIError(422, "invalid_quality", f"quality must be an integer in [{low}, {high}]")
     quality = int(raw_quality)
-    if not 1 <= quality <= 100:
-        raise APIError(422, "invalid_quality", "quality must be an integer in [1, 100]")
-    color_fix = str(form.get("color_fix") or "wavelet")
+    if not low <= quality <= high:
+        raise APIError(422, "invalid_quality", f"quality must be an integer in [{low}, {high}]")
+    color_fix = str(form.get("color_fix") or DEFAULT_COLOR_FIX)
     if color_fix not in COLOR_FIXES:
         raise APIError(422, "invalid_color_fix", f"color_fix must be one of {', '.join(COLOR_FIXES)}")
-    return UpscaleOptions(alphas, fmt, quality, color_fix)
+    return UpscaleOptions(alphas or [DEFAULT_ALPHA], fmt, quality, color_fix)
 
 
 def _orientation(exif: bytes | None) -> int:

@@ -641,20 +641,22 @@ def test_jobs_expire_in_the_queue(stack: Stack) -> None:
     polled = stack.accepted(VALID)
     unpolled = stack.accepted(VALID)
     time.sleep(1.2)
-    # a client polls one of them: the gateway expires it
+    # a client polls one of them: it reads expired, and the read changes nothing (expiry is the worker's)
     assert stack.status(polled)["status"] == "expired"
     assert stack.status(polled)["status"] == "expired"  # and it stays expired
     assert_error(stack.result(polled), 410, "expired")
-    assert not stack.redis.exists(input_key(polled))
-    # nobody polled the other: the worker finds it past its deadline and skips it
+    assert stack.redis.exists(input_key(polled)) and stack.queue.count == 2
+    # the worker finds both past their deadline and skips them, polled or not
     passes = stack.engine.forward_passes
     worker = stack.run_worker()
     assert stack.engine.forward_passes == passes, "an expired job must not be run"
-    assert stack.status(unpolled)["status"] == "expired"
-    assert_error(stack.result(unpolled), 410, "expired")
-    assert Job.fetch(unpolled, connection=stack.redis).get_status() == JobStatus.FAILED
+    for job_id in (polled, unpolled):
+        assert stack.status(job_id)["status"] == "expired"
+        assert_error(stack.result(job_id), 410, "expired")
+        assert Job.fetch(job_id, connection=stack.redis).get_status() == JobStatus.FAILED
+        assert not stack.redis.exists(input_key(job_id))
     assert not [k for k in stack.blob_keys() if ":out:" in k]
-    assert worker.metrics.registry.get_sample_value("ctsr_worker_jobs_total", {"outcome": "expired"}) == 1
+    assert worker.metrics.registry.get_sample_value("ctsr_worker_jobs_total", {"outcome": "expired"}) == 2
 
 
 # -- 7. batching ---------------------------------------------------------------------------------------
