@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from redis import Redis
 
@@ -44,7 +44,7 @@ class RedisBlobStore:
         self.redis.set(key, data, ex=ttl_s)
 
     def get(self, key: str) -> bytes | None:
-        return self.redis.get(key)
+        return cast("bytes | None", self.redis.get(key))  # bytes: the store's clients never decode responses
 
     def delete(self, *keys: str) -> None:
         if keys:
@@ -57,7 +57,7 @@ class RedisBlobStore:
 
         def pieces() -> Iterator[bytes]:
             for start in range(0, size, chunk):
-                piece = self.redis.getrange(key, start, min(start + chunk, size) - 1)
+                piece = cast(bytes, self.redis.getrange(key, start, min(start + chunk, size) - 1))  # not decoded
                 if len(piece) != min(chunk, size - start):  # expired (or replaced) mid-download
                     raise BlobGone(key)
                 yield piece

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import cli_training
@@ -259,8 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from models.errors import CTSRError
 
+    handler: Callable[[argparse.Namespace], int] = args.handler  # every subcommand sets one (cmd_*)
     try:
-        return args.handler(args)
+        return handler(args)
     except CTSRError as exc:
         print(f"ctsr: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -34,7 +34,8 @@ def connect(settings: Settings, **options: Any) -> Redis:
                 "socket_connect_timeout": options.get("socket_connect_timeout", 2),
             },
         )
-        return sentinel.master_for(settings.redis_sentinel_master, password=password, **options)
+        primary: Redis = sentinel.master_for(settings.redis_sentinel_master, password=password, **options)
+        return primary
     if not settings.redis_url:
         raise ValueError("set CTSR_REDIS_URL or CTSR_REDIS_SENTINELS")
     if password is not None:

@@ -133,6 +133,7 @@ def serve(settings: Settings, host: str, port: int, state_dir: Path | None = Non
             server.should_exit = True
 
     children: list[Supervised] = []
+    embedded_sock: Path | None = None  # the embedded redis-server's socket, where serve starts one
     try:
         if not settings.redis_url and not settings.redis_sentinels:
             sock, executable = state / "redis.sock", redis_server_executable()
@@ -151,7 +152,7 @@ def serve(settings: Settings, host: str, port: int, state_dir: Path | None = Non
                 if time.monotonic() > deadline or given_up:
                     raise SystemExit(given_up[0] if given_up else "ctsr serve: the embedded redis-server did not start")
                 time.sleep(0.05)
-            settings.redis_url = f"unix://{sock}"
+            settings.redis_url, embedded_sock = f"unix://{sock}", sock
             log.info("embedded redis-server on %s (its data stays in %s)", sock, state)
         env = {**os.environ, **({"CTSR_REDIS_URL": settings.redis_url} if settings.redis_url else {})}
         if settings.model:
@@ -159,7 +160,6 @@ def serve(settings: Settings, host: str, port: int, state_dir: Path | None = Non
         if settings.worker_metrics_port and "CTSR_WORKER_METRICS_PORT" not in os.environ:
             # the one-command stack must not fail because some exporter holds the default port
             env["CTSR_WORKER_METRICS_PORT"] = str(free_port(settings.worker_metrics_host))  # the worker logs it
-        embedded_sock = Path(settings.redis_url[len("unix://") :]) if children else None
         worker = Supervised(
             "worker", lambda: [sys.executable, "-m", "ctsr.cli", "worker"], env, state / "worker.pid", give_up,
             ready=(lambda: _workers_ready(embedded_sock)) if embedded_sock else (lambda: True),

@@ -108,8 +108,9 @@ def load_image(source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_
     """Decode, orient and normalise an image; raises :class:`ImageError` with a reason."""
     img = _open(source, max_pixels)
     notes: list[str] = []
-    if getattr(img, "n_frames", 1) > 1:
-        notes.append(f"animated ({img.n_frames} frames): first frame used")
+    frames = getattr(img, "n_frames", 1)  # multi-frame formats only
+    if frames > 1:
+        notes.append(f"animated ({frames} frames): first frame used")
     orientation = img.getexif().get(0x0112, 1)
     if orientation not in (1, None):
         img = ImageOps.exif_transpose(img)

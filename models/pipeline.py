@@ -57,7 +57,7 @@ class TileWork:
     """One LR tile of one job, with everything needed to run it and put its output back."""
 
     lr: torch.Tensor  # [3, th, tw]
-    alphas: tuple[float, ...]
+    alphas: Sequence[float]  # the job's (a tuple: UpscaleJob checks and normalises them)
     color_fix: str
     canvas: JobCanvas
     box: tuple[int, int]
@@ -103,7 +103,7 @@ class JobCanvas:
         if len(self.grid) == 1:
             self._single = output
             return
-        if self._sum is None:
+        if self._sum is None or self._weight is None:  # both are allocated together
             ph, pw = self.grid.padded
             s, a = self.scale, len(self.job.alphas)
             self._sum = torch.zeros(a, 3, ph * s, pw * s, device=self.device)
@@ -125,6 +125,7 @@ class JobCanvas:
         h, w = self.grid.height * self.scale, self.grid.width * self.scale
         if self._single is not None:
             return self._single[..., :h, :w].clamp(0, 1)
+        assert self._sum is not None and self._weight is not None  # a multi-tile grid, every tile added
         return (self._sum[..., :h, :w] / self._weight[:, :h, :w].clamp_min(1e-8)).clamp_(0, 1)
 
 
@@ -148,7 +149,7 @@ class TileRunner:
         student.prepare_for_inference()
         student.to(self.device, self.dtype).eval().requires_grad_(False)
         if self.channels_last:
-            student.to(memory_format=torch.channels_last)
+            student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch accepts it; its stubs omit it
         if compile:
             for stage in ("encode", "velocity", "decode"):
                 setattr(student, stage, torch.compile(getattr(student, stage), dynamic=False))
@@ -231,12 +232,12 @@ class Upscaler:
             device = self.runner.device if small else torch.device("cpu")
         return JobCanvas(job, grid, self.runner.scale, device)
 
-    def run(self, jobs: Sequence[UpscaleJob], progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    def run(self, jobs: Sequence[UpscaleJob], progress: Callable[[int], object] | None = None) -> list[torch.Tensor]:
         """One ``[A, 3, H*s, W*s]`` CPU tensor per job; tiles of all jobs share batches."""
         canvases = [self.canvas(job) for job in jobs]
-        pending: dict[tuple[int, int], list[TileWork]] = {}
+        pending: dict[tuple[int, ...], list[TileWork]] = {}  # tiles by shape: each batch has one
 
-        def flush(key: tuple[int, int]) -> None:
+        def flush(key: tuple[int, ...]) -> None:
             works = pending.pop(key)
             for work, out in zip(works, self.runner.run(works, self.max_batch), strict=True):
                 work.canvas.add(work, out)
@@ -277,5 +278,5 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def finish_images(image: LoadedImage, out: torch.Tensor) -> list[Any]:
     """SR tensors ``[A, 3, H', W']`` of ``image`` → Pillow images with its alpha and mode restored."""
-    alpha = upscale_alpha(image.alpha, tuple(out.shape[-2:])) if image.alpha is not None else None
+    alpha = upscale_alpha(image.alpha, (out.shape[-2], out.shape[-1])) if image.alpha is not None else None
     return [to_pil(rgb, image.mode, alpha) for rgb in out]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .student import CTSRStudent
 
 T = TypeVar("T")
 
@@ -44,6 +47,6 @@ class Registry(Generic[T]):
         return sorted(set(self._items) | set(self._modules))
 
 
-ARCH_REGISTRY: Registry[type] = Registry(
+ARCH_REGISTRY: Registry[type[CTSRStudent]] = Registry(
     "architecture", {"compact": "models.archs.compact", "rrdb": "models.archs.rrdb", "sd21": "models.archs.sd21"}
 )

@@ -27,8 +27,9 @@ from .errors import ConfigError
 
 class CTSRStudent(nn.Module, ABC):
     family: ClassVar[str]
-    #: LR inputs must have sides that are a multiple of this; the pipeline pads to it.
-    size_multiple: ClassVar[int] = 1
+    #: LR inputs must have sides that are a multiple of this; the pipeline pads to it (sd21 sets it
+    #: per instance, from its base's configuration).
+    size_multiple: int = 1
 
     def __init__(self, config: StudentConfig) -> None:
         super().__init__()

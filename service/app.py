@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -133,7 +133,7 @@ async def redis_down(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
-async def observe(request: Request, call_next: Any) -> Response:
+async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     """Count and time every request by its route, and add the security headers to every answer."""
     metrics = request.app.state.gateway.metrics
     start = time.perf_counter()

@@ -45,16 +45,17 @@ class Gateway:
 
 # async: FastAPI runs a plain ``def`` dependency in a worker thread, for what is an attribute read
 async def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+    state: Gateway = request.app.state.gateway
+    return state
 
 
 async def job_lookup(request: Request) -> JobLookup:
-    return request.app.state.gateway.jobs
+    return (await gateway(request)).jobs
 
 
 async def caller(request: Request) -> str | None:
     """The caller's API key name (None when keys are off); 401 without a valid key."""
-    return request.app.state.gateway.keys.identify(request)
+    return (await gateway(request)).keys.identify(request)
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]

@@ -27,7 +27,8 @@ class QueueCollector(Collector):
         try:
             depth.add_metric([], self.queue.count)
             oldest = self.queue.connection.lindex(self.queue.key, 0)
-            job = self.queue.fetch_job(oldest.decode()) if oldest else None
+            job_id = oldest.decode() if isinstance(oldest, bytes) else oldest
+            job = self.queue.fetch_job(job_id) if job_id else None
             enqueued = job.enqueued_at.timestamp() if job and job.enqueued_at else None
             age.add_metric([], max(time.time() - enqueued, 0.0) if enqueued else 0.0)
         except Exception:  # Redis down: report nothing rather than fail the scrape

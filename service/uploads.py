@@ -11,7 +11,7 @@ import io
 import math
 import re
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from .errors import APIError
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"}
 MIN_SIDE = 8
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 
 class BodyTooLarge(Exception):
@@ -47,7 +47,7 @@ def limited_receive(receive: Receive, limit: int) -> Receive:
     """An ASGI ``receive`` that raises :class:`BodyTooLarge` once ``limit`` body bytes passed."""
     seen = 0
 
-    async def wrapped() -> dict[str, Any]:
+    async def wrapped() -> MutableMapping[str, Any]:
         nonlocal seen
         message = await receive()
         if message["type"] == "http.request":
@@ -114,7 +114,7 @@ def _orientation(exif: bytes | None) -> int:
         return 1
     parsed = Image.Exif()
     parsed.load(exif)
-    return parsed.get(0x0112, 1)
+    return int(parsed.get(0x0112, 1))
 
 
 def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
@@ -135,7 +135,7 @@ def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
                     img.verify()  # chunk CRCs, without decoding pixels (must come right after open)
                 elif fmt in ("JPEG", "MPO", "WEBP"):
                     orientation = img.getexif().get(0x0112, 1)  # header only
-                if fmt in ("JPEG", "MPO") and data.rfind(b"\xff\xd9", img.fp.tell()) < 0:
+                if fmt in ("JPEG", "MPO") and img.fp is not None and data.rfind(b"\xff\xd9", img.fp.tell()) < 0:
                     # open stops at the first scan; without an end-of-image marker after it the
                     # file was cut short, and the worker's decoder refuses it
                     raise ValueError("no end-of-image marker: truncated JPEG")

@@ -45,7 +45,7 @@ Resolver = Callable[[str, int], list[str]]
 
 
 def resolve(host: str, port: int) -> list[str]:
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
 
 
 NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
@@ -162,7 +162,8 @@ class Deliverer:
 
     def _promote_due(self) -> None:
         """Move retries whose time has come back onto the queue (ZREM decides which gateway)."""
-        for raw in self.redis.zrangebyscore(WEBHOOK_RETRY_KEY, 0, time.time(), start=0, num=50):
+        due: list[bytes] = self.redis.zrangebyscore(WEBHOOK_RETRY_KEY, 0, time.time(), start=0, num=50)  # type: ignore[assignment]  # redis-py types every reply as a union
+        for raw in due:
             if self.redis.zrem(WEBHOOK_RETRY_KEY, raw):
                 self.redis.rpush(WEBHOOK_QUEUE_KEY, raw)
 

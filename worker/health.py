@@ -33,7 +33,8 @@ def health_app(metrics: WorkerMetrics) -> Callable[..., Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path not in ("/livez", "/readyz"):
-            return prometheus(environ, start_response)
+            metrics_page: Iterable[bytes] = prometheus(environ, start_response)
+            return metrics_page
         ok = path == "/livez" or metrics.ready
         body = b"ok\n" if ok else b"model not loaded yet\n"
         start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import rq.exceptions
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested as StopRequested  # re-exported: raised by RQ's SIGTERM handler
-from rq.executions import Execution
+from rq.executions import Execution as Execution  # re-exported: BatchWorker annotates with it
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.utils import now

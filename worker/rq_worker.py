@@ -98,14 +98,14 @@ class BatchWorker(SimpleWorker):
 
     def run_maintenance_tasks(self) -> None:
         """RQ's registry clean-up (abandoned jobs come back here), plus expired file blobs."""
-        super().run_maintenance_tasks()
+        super().run_maintenance_tasks()  # type: ignore[no-untyped-call]  # unannotated in rq (untyped_calls_exclude misses super())
         if isinstance(self.store, FileBlobStore):
             self.store.sweep()
 
     def teardown(self) -> None:
         self.connection.delete(ready_key(self.name))
         self.metrics.set_ready(False)
-        super().teardown()
+        super().teardown()  # type: ignore[no-untyped-call]  # unannotated in rq (untyped_calls_exclude misses super())
 
     # -- the loop ------------------------------------------------------------------------------
     def work_batches(self, burst: bool = False, max_batches: int | None = None) -> int:

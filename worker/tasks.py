@@ -26,7 +26,9 @@ def upscale(payload: dict[str, Any]) -> dict[str, Any]:
     settings = Settings()
     if _engine is None:
         _engine = BatchEngine(settings)
-    redis = get_current_job().connection
+    job = get_current_job()
+    assert job is not None, "upscale() runs inside an RQ job"
+    redis = job.connection
     store = open_blob_store(settings.blob_store, redis, settings.blob_dir)
     (outcome,) = process_jobs(_engine, store, [payload], settings.result_ttl_s)
     if isinstance(outcome, BaseException):

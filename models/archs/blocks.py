@@ -16,7 +16,8 @@ class ResidualBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(self.act(self.conv1(x)))
+        residual: torch.Tensor = self.conv2(self.act(self.conv1(x)))
+        return x + residual
 
 
 def conv_trunk(in_channels: int, features: int, blocks: int, out_channels: int) -> nn.Sequential:

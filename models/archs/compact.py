@@ -66,14 +66,17 @@ class CompactStudent(CTSRStudent):
         )
 
     def encode(self, lr: torch.Tensor) -> torch.Tensor:
-        z = self.encoder(lr * 2 - 1)
-        return z + self.body(z)
+        z: torch.Tensor = self.encoder(lr * 2 - 1)
+        residual: torch.Tensor = self.body(z)
+        return z + residual
 
     def velocity(self, z0: torch.Tensor) -> torch.Tensor:
-        return self.velocity_net(z0)
+        v: torch.Tensor = self.velocity_net(z0)
+        return v
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return (self.decoder(z) + 1) / 2
+        x: torch.Tensor = self.decoder(z)
+        return (x + 1) / 2
 
     def trainable_parameters(self, stage: str, decoder: bool = False) -> list[nn.Parameter]:
         modules = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora import LoraLayer
 
 
 def lora_config(rank: int, targets: list[str] | str) -> LoraConfig:
@@ -15,7 +15,7 @@ def lora_config(rank: int, targets: list[str] | str) -> LoraConfig:
 def merge_and_strip(module: torch.nn.Module, adapter: str) -> None:
     """Fold one LoRA adapter into the base weights and remove every LoRA wrapper."""
     for name, sub in list(module.named_modules()):
-        if isinstance(sub, BaseTunerLayer):
+        if isinstance(sub, LoraLayer):  # peft's LoRA wrappers (BaseTunerLayers with lora_A/lora_B)
             sub.merge(adapter_names=[adapter] if adapter in sub.lora_A else [])
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, sub.get_base_layer())

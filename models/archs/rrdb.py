@@ -100,10 +100,12 @@ class VelocityNet(nn.Module):
         self.blocks = nn.Sequential(*(ResidualDenseBlock(features, growth) for _ in range(blocks)))
         self.out = nn.Conv2d(features, features, 3, padding=1)
         nn.init.zeros_(self.out.weight)
+        assert self.out.bias is not None  # Conv2d's default bias=True
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z0: torch.Tensor) -> torch.Tensor:
-        return self.out(self.blocks(z0))
+        v: torch.Tensor = self.out(self.blocks(z0))
+        return v
 
 
 class FidelityBranch(nn.Module):
@@ -162,14 +164,16 @@ class RRDBStudent(CTSRStudent):
         return self.encode_cached(self.encoder_cache(lr))
 
     def velocity(self, z0: torch.Tensor) -> torch.Tensor:
-        return self.velocity_net(z0)
+        v: torch.Tensor = self.velocity_net(z0)
+        return v
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         net = self.net
         z = z[:, : self.features]  # a branch latent also carries the trunk's inputs (see the docstring)
         feat = F.leaky_relu(net.conv_up1(F.interpolate(z, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
         feat = F.leaky_relu(net.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
-        return net.conv_last(F.leaky_relu(net.conv_hr(feat), LRELU_SLOPE))
+        out: torch.Tensor = net.conv_last(F.leaky_relu(net.conv_hr(feat), LRELU_SLOPE))
+        return out
 
     # -- training hooks ---------------------------------------------------------------------------
     def encoder_cache(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -179,7 +183,7 @@ class RRDBStudent(CTSRStudent):
 
     def encode_cached(self, cached: dict[str, torch.Tensor]) -> torch.Tensor:
         net = self.net
-        z = cached["feat"] + net.conv_body(net.body[self.adapted_from :](cached["trunk"]))
+        z: torch.Tensor = cached["feat"] + net.conv_body(net.body[self.adapted_from :](cached["trunk"]))
         if self.arch.velocity == "branch":
             return torch.cat([z, cached["trunk"], cached["feat"]], dim=1)
         return z

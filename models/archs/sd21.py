@@ -33,19 +33,21 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+
+# From their own modules: through `diffusers` itself, mypy sees the dummy stand-ins of its
+# optional-dependency imports instead of these classes.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..config import StudentConfig, parse_arch, read_json_object
 from ..errors import CheckpointError, ConfigError
 from ..registry import ARCH_REGISTRY
 from ..student import CTSRStudent
 from .lora import base_keys, copy_named_tensors, lora_config, merge_and_strip
-
-if TYPE_CHECKING:
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTERS_NAME = "adapters.safetensors"
 BASE_NAME = "base.safetensors"
@@ -171,9 +173,11 @@ def _has_text_encoder(base: Path) -> bool:
     return all((base / sub / name).is_file() for sub, name in files)
 
 
-def _only_velocity_delta(module: BaseTunerLayer, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+def _only_velocity_delta(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
     """Forward hook on the LoRA-wrapped ``conv_out``: its output without the base layer's part."""
-    return output - module.get_base_layer()(*args)
+    assert isinstance(module, BaseTunerLayer)  # peft's LoRA Conv2d wraps conv_out
+    base: torch.Tensor = module.get_base_layer()(*args)
+    return output - base
 
 
 def _public(config: Any) -> dict[str, Any]:
@@ -205,20 +209,21 @@ def _check_prompt_source(arch: SD21Arch, base: Path | None) -> None:
 @ARCH_REGISTRY.register("sd21")
 class SD21Student(CTSRStudent):
     family = "sd21"
+    prompt_embeds: torch.Tensor  # a buffer
 
     def __init__(self, config: StudentConfig, unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
         super().__init__(config)
         self.arch = a = parse_arch(SD21Arch, config.arch, self.family)
         self.unet, self.vae = unet, vae
         self.unet_velocity: UNet2DConditionModel | None = None  # set once adapters are fused
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+        vae_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+        unet_factor = 2 ** (len(unet.config["block_out_channels"]) - 1)
         self.size_multiple = vae_factor * unet_factor // math.gcd(config.scale, vae_factor * unet_factor)
         betas = torch.linspace(a.beta_start**0.5, a.beta_end**0.5, a.num_train_timesteps) ** 2
         alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.sqrt_abar = float(alphas_cumprod[a.timestep].sqrt())
         self.sqrt_one_minus_abar = float((1 - alphas_cumprod[a.timestep]).sqrt())
-        self.register_buffer("prompt_embeds", torch.zeros(1, a.prompt_length, unet.config.cross_attention_dim))
+        self.register_buffer("prompt_embeds", torch.zeros(1, a.prompt_length, unet.config["cross_attention_dim"]))
         unet.requires_grad_(False)
         vae.requires_grad_(False)
         with warnings.catch_warnings():  # peft warns that a second adapter is intended here
@@ -243,9 +248,9 @@ class SD21Student(CTSRStudent):
     def encode(self, lr: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
         x = (x * 2 - 1).clamp(-1, 1)
-        z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        z: torch.Tensor = self.vae.encode(x).latent_dist.mode() * self.vae.config["scaling_factor"]
         t = torch.full((z.shape[0],), self.arch.timestep, device=z.device, dtype=torch.long)
-        out = self._unet("student")(z, t, self._cond(z.shape[0], z.dtype)).sample
+        out: torch.Tensor = self._unet("student")(z, t, self._cond(z.shape[0], z.dtype)).sample
         if self.arch.prediction_type == "v_prediction":  # out = sqrt(abar)·eps − sqrt(1−abar)·x0
             return self.sqrt_abar * z - self.sqrt_one_minus_abar * out
         return (z - self.sqrt_one_minus_abar * out) / self.sqrt_abar  # epsilon: out = eps
@@ -253,17 +258,20 @@ class SD21Student(CTSRStudent):
     def velocity(self, z0: torch.Tensor) -> torch.Tensor:
         t = torch.full((z0.shape[0],), self.arch.velocity_timestep, device=z0.device, dtype=torch.long)
         unet = self._unet("velocity")
+        v: torch.Tensor
         if self.unet_velocity is not None or not self.arch.velocity_zero_init:
-            return unet(z0, t, self._cond(z0.shape[0], z0.dtype)).sample
+            v = unet(z0, t, self._cond(z0.shape[0], z0.dtype)).sample
+            return v
         # unfused: the shared conv_out also carries the base's weights; the velocity uses its LoRA alone
         handle = unet.conv_out.register_forward_hook(_only_velocity_delta)
         try:
-            return unet(z0, t, self._cond(z0.shape[0], z0.dtype)).sample
+            v = unet(z0, t, self._cond(z0.shape[0], z0.dtype)).sample
+            return v
         finally:
             handle.remove()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode(z / self.vae.config.scaling_factor).sample
+        x: torch.Tensor = self.vae.decode(z / self.vae.config["scaling_factor"]).sample
         return (x + 1) / 2
 
     # -- training hooks -------------------------------------------------------------------------
@@ -272,7 +280,8 @@ class SD21Student(CTSRStudent):
         self.vae.disable_adapters()
         try:
             x = (image * 2 - 1).clamp(-1, 1)
-            return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+            z: torch.Tensor = self.vae.encode(x).latent_dist.mode() * self.vae.config["scaling_factor"]
+            return z
         finally:
             self.vae.enable_adapters()
 
@@ -293,7 +302,7 @@ class SD21Student(CTSRStudent):
 
     # -- construction and checkpoint ------------------------------------------------------------
     @classmethod
-    def build(
+    def build(  # type: ignore[override]  # each family takes its own build options: sd21 only base_model
         cls, config: StudentConfig, folder: Path | None = None, *, base_model: str | Path | None = None
     ) -> SD21Student:
         fresh = folder is None  # a new student; else a checkpoint, whose stored tensors load over it
@@ -398,8 +407,10 @@ class SD21Student(CTSRStudent):
             return
         velocity = copy.deepcopy(self.unet)
         if self.arch.velocity_zero_init:  # the velocity's output layer is its conv_out LoRA alone
+            conv_out: torch.nn.Module = velocity.conv_out  # a peft LoRA Conv2d, no longer a plain Conv2d
+            assert isinstance(conv_out, BaseTunerLayer)  # LoRA-wrapped: velocity_zero_init needs the velocity LoRA
             with torch.no_grad():
-                for param in velocity.conv_out.get_base_layer().parameters():
+                for param in conv_out.get_base_layer().parameters():
                     param.zero_()
         merge_and_strip(velocity, "velocity")
         merge_and_strip(self.unet, "student")

@@ -58,11 +58,15 @@ class _LinearHead(nn.Module):
         self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        out: torch.Tensor = self.model(x)
+        return out
 
 
 class LPIPS(nn.Module):
     """LPIPS-VGG16 with randomly initialised weights until :func:`load_lpips` (or ``load_state_dict``) fills them."""
+
+    shift: torch.Tensor  # buffers
+    scale: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -63,7 +63,8 @@ def _tensor_to_uint8(tensor: Any) -> np.ndarray:
     if not tensor.is_floating_point():
         raise ImageError(f"expected a float tensor in [0, 1], got dtype {tensor.dtype}")
     scaled = tensor.detach().to("cpu", dtype=sys.modules["torch"].float64).clamp(0, 1).mul(255).round()
-    return scaled.numpy().astype(np.uint8)
+    pixels: np.ndarray = scaled.numpy().astype(np.uint8)
+    return pixels
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -113,7 +114,8 @@ def psnr(img: ImageLike, ref: ImageLike, crop_border: int = 4) -> float:
 def _gaussian_1d(size: int, sigma: float) -> np.ndarray:
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2
     k = np.exp(-(x**2) / (2 * sigma**2))
-    return k / k.sum()
+    kernel: np.ndarray = k / k.sum()
+    return kernel
 
 
 def _filter_valid(img: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -121,7 +123,8 @@ def _filter_valid(img: np.ndarray, k: np.ndarray) -> np.ndarray:
     n = len(k)
     h, w = img.shape
     rows = sum(k[i] * img[i : h - n + 1 + i, :] for i in range(n))
-    return sum(k[i] * rows[:, i : w - n + 1 + i] for i in range(n))
+    out: np.ndarray = sum(k[i] * rows[:, i : w - n + 1 + i] for i in range(n))
+    return out
 
 
 def ssim_y(a: np.ndarray, b: np.ndarray) -> float:

@@ -35,6 +35,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,13 +85,13 @@ def _sha256(data: bytes) -> str:
 def _read_url(url: str, timeout: float, limit: int = MAX_SDIST_BYTES) -> bytes:
     """GET ``url`` (https or file), refusing bodies over ``limit`` bytes. Tests monkeypatch this."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
-        data = response.read(limit + 1)
+        data: bytes = response.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{url} is larger than {limit} bytes")
     return data
 
 
-def _sdist_entry(json_urls: tuple[str, ...], timeout: float) -> dict:
+def _sdist_entry(json_urls: tuple[str, ...], timeout: float) -> dict[str, Any]:
     """The PyPI file record (url, digests) of the basicsr sdist, from the first JSON that answers."""
     errors = []
     for url in json_urls:
@@ -104,7 +105,8 @@ def _sdist_entry(json_urls: tuple[str, ...], timeout: float) -> dict:
             files = meta.get("urls")
         for entry in files or []:
             if entry.get("packagetype") == "sdist" and entry.get("filename", "").endswith(".tar.gz"):
-                return entry
+                record: dict[str, Any] = entry
+                return record
         errors.append(f"{url}: no basicsr {BASICSR_VERSION} sdist listed")
     raise ValueError("; ".join(errors))
 
@@ -211,7 +213,8 @@ def _cubic(x: np.ndarray) -> np.ndarray:
     ax2, ax3 = ax**2, ax**3
     near = (1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1)
     far = (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2))
-    return near + far
+    weights: np.ndarray = near + far
+    return weights
 
 
 @functools.lru_cache(maxsize=32)
@@ -258,7 +261,8 @@ def imresize(img: np.ndarray, scale: float, antialias: bool = True) -> np.ndarra
 def _gaussian_1d(size: int, sigma: float) -> np.ndarray:
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2
     k = np.exp(-(x**2) / (2 * sigma**2))
-    return k / k.sum()
+    kernel: np.ndarray = k / k.sum()
+    return kernel
 
 
 def _filter_replicate(img: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -267,7 +271,8 @@ def _filter_replicate(img: np.ndarray, k: np.ndarray) -> np.ndarray:
     h, w = img.shape
     padded = np.pad(img, r, mode="edge")
     rows = sum(k[i] * padded[i : i + h, :] for i in range(len(k)))
-    return sum(k[i] * rows[:, i : i + w] for i in range(len(k)))
+    out: np.ndarray = sum(k[i] * rows[:, i : i + w] for i in range(len(k)))
+    return out
 
 
 def mscn(img: np.ndarray) -> np.ndarray:
@@ -283,7 +288,8 @@ def mscn(img: np.ndarray) -> np.ndarray:
     sigma = np.sqrt(np.abs(_filter_replicate(img * img, k) - mu * mu))
     centred = img - mu
     centred[np.abs(centred) < FLAT_TOLERANCE] = 0.0
-    return centred / (sigma + NIQE_C)
+    normalised: np.ndarray = centred / (sigma + NIQE_C)
+    return normalised
 
 
 @functools.lru_cache(maxsize=1)

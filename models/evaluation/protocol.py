@@ -16,6 +16,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +66,14 @@ def to_array(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
+def _timed(
+    fn: Callable[[torch.Tensor], torch.Tensor], lr: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
-        out = fn()
+        out = fn(lr)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - start
@@ -99,7 +102,8 @@ def interpolated_network(realness: Teacher, fidelity: Teacher, alpha: float) -> 
 
     def run(lr: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return net(lr.to(next(net.parameters()).dtype)).float().clamp(0, 1)
+            out: torch.Tensor = net(lr.to(next(net.parameters()).dtype))
+            return out.float().clamp(0, 1)
 
     return run
 
@@ -141,8 +145,8 @@ def evaluate(
             hr = hr_image(path, short_side, crop, s)
             lr = degrade(hr, s, seed * 1000 + i).to(device)
             ref = to_array(hr)
-            t_real, t_r = _timed(lambda lr=lr: realness(lr)[0], device)
-            t_fid, t_f = _timed(lambda lr=lr: fidelity(lr)[0], device)
+            t_real, t_r = _timed(lambda x: realness(x)[0], lr, device)
+            t_fid, t_f = _timed(lambda x: fidelity(x)[0], lr, device)
             lr_img = Image.fromarray(to_array(lr[0]))
             bicubic = np.asarray(lr_img.resize((ref.shape[1], ref.shape[0]), Image.Resampling.BICUBIC))
             outputs: list[tuple[str, float | None, np.ndarray, float | None]] = [
@@ -152,7 +156,7 @@ def evaluate(
             ]
             for name, student in students.items():
                 method = student_method(name, len(students) > 1)
-                sweep, t_s = _timed(lambda lr=lr, st=student: student_sweep(st, lr, alphas, device), device)
+                sweep, t_s = _timed(partial(student_sweep, student, alphas=alphas, device=device), lr, device)
                 outputs += [(method, a, to_array(out), t_s / len(alphas)) for a, out in zip(alphas, sweep, strict=True)]
             for a in alphas:
                 outputs.append((report.BLEND, a, to_array((1 - a) * t_real + a * t_fid), None))

@@ -239,9 +239,9 @@ def _plot_level(ax: Any, rows: Sequence[Row], title: str) -> None:
         (FIDELITY_TEACHER, "D", "fidelity teacher"),
         (BICUBIC, "x", "bicubic"),
     ):
-        r = single(rows, method)
-        if r is not None:
-            ax.plot([r.niqe], [r.psnr], marker, markersize=10, linestyle="none", label=label)
+        point = single(rows, method)
+        if point is not None:
+            ax.plot([point.niqe], [point.psnr], marker, markersize=10, linestyle="none", label=label)
     ax.set_xlabel("NIQE  (← more real)")
     ax.set_ylabel("PSNR, Y channel (dB)  (↑ more faithful)")
     ax.set_title(title, fontsize=10)

@@ -45,13 +45,15 @@ class FidelityTeacher(nn.Module):
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         """Unclamped output, for training."""
-        return self.net(lr)
+        out: torch.Tensor = self.net(lr)
+        return out
 
     def sr(self, lr: torch.Tensor) -> torch.Tensor:
         """Teacher use: no gradients, clamped to [0, 1]."""
         with torch.no_grad():
             param = next(self.parameters())
-            return self.net(lr.to(param.dtype)).float().clamp(0, 1)
+            out: torch.Tensor = self.net(lr.to(param.dtype))
+            return out.float().clamp(0, 1)
 
     def save_pretrained(self, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
         """Written like a student checkpoint (:func:`models.checkpoint.write_folder_atomically`)."""

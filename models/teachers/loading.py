@@ -42,7 +42,7 @@ def load_teacher(spec: str, device: torch.device | str = "cpu", dtype: torch.dty
 def teacher_network(teacher: Teacher) -> torch.nn.Module:
     """The RRDBNet inside a loaded teacher (both teachers share its architecture, which is what
     network interpolation and warm-starting a student's blocks from a teacher rely on)."""
-    net = getattr(teacher, "net", None) or getattr(getattr(teacher, "model", None), "net", None)
+    net: torch.nn.Module | None = getattr(teacher, "net", None) or getattr(getattr(teacher, "model", None), "net", None)
     if net is None:
         raise ConfigError(f"teacher {teacher.name}: not an RRDBNet teacher")
     return net

@@ -29,7 +29,7 @@ nearest x2. There is no input normalisation: the graph maps RGB in [0, 1] to RGB
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +80,19 @@ class NcnnLayer:
 
     def get(self, key: int, default: ParamValue) -> ParamValue:
         return self.params.get(key, default)
+
+    def integer(self, key: int, default: int) -> int:
+        return int(self._number(key, default))
+
+    def real(self, key: int, default: float) -> float:
+        return float(self._number(key, default))
+
+    def _number(self, key: int, default: float) -> int | float | str:
+        """A scalar parameter for :meth:`integer` / :meth:`real`; an array here means a malformed graph."""
+        value = self.params.get(key, default)
+        if isinstance(value, list):
+            raise NcnnError(f"layer {self.name}: parameter {key} is an array where a number belongs")
+        return value
 
 
 @dataclass(frozen=True)
@@ -197,7 +210,7 @@ def parse_weights(graph: NcnnGraph, data: bytes | memoryview, source: str = "bin
             raise NcnnError(f"{source}: layer {layer.name} is int8-quantised, which is not supported")
         if layer.type.startswith("Convolution") and layer.get(19, 0):
             continue  # dynamic weight: supplied as an input blob at run time
-        size, num_output = int(layer.get(size_key, 0)), int(layer.get(out_key, 0))
+        size, num_output = layer.integer(size_key, 0), layer.integer(out_key, 0)
         blobs = [cursor.tagged(size, f"{layer.name} weights")]
         if layer.get(bias_key, 0):
             blobs.append(cursor.raw(num_output, f"{layer.name} bias"))
@@ -227,25 +240,25 @@ def _activation(x: torch.Tensor, kind: int, params: list[float], name: str) -> t
 
 
 def _convolution(layer: NcnnLayer, x: torch.Tensor, blobs: list[np.ndarray]) -> torch.Tensor:
-    get = layer.get
-    out_ch, kw = int(get(0, 0)), int(get(1, 0))
-    kh = int(get(11, kw))
-    groups = int(get(7, 1)) if layer.type == "ConvolutionDepthWise" else 1
-    pad_l = int(get(4, 0))
-    pad_t = int(get(14, pad_l))
-    pad_r, pad_b = int(get(15, pad_l)), int(get(16, pad_t))
+    get, integer = layer.get, layer.integer
+    out_ch, kw = integer(0, 0), integer(1, 0)
+    kh = integer(11, kw)
+    groups = integer(7, 1) if layer.type == "ConvolutionDepthWise" else 1
+    pad_l = integer(4, 0)
+    pad_t = integer(14, pad_l)
+    pad_r, pad_b = integer(15, pad_l), integer(16, pad_t)
     if min(pad_l, pad_t, pad_r, pad_b) < 0:
         raise NcnnError(f"layer {layer.name}: automatic (SAME) padding is not supported")
-    x = F.pad(x, (pad_l, pad_r, pad_t, pad_b), value=float(get(18, 0.0)))
+    x = F.pad(x, (pad_l, pad_r, pad_t, pad_b), value=layer.real(18, 0.0))
     weight = torch.from_numpy(blobs[0].astype(np.float32)).reshape(out_ch, -1, kh, kw)
     bias = torch.from_numpy(blobs[1].astype(np.float32)) if len(blobs) > 1 else None
-    dilation = (int(get(12, get(2, 1))), int(get(2, 1)))
-    stride = (int(get(13, get(3, 1))), int(get(3, 1)))
+    dilation = (integer(12, integer(2, 1)), integer(2, 1))
+    stride = (integer(13, integer(3, 1)), integer(3, 1))
     y = F.conv2d(x, weight.to(x), None if bias is None else bias.to(x), stride, 0, dilation, groups)
-    return _activation(y, int(get(9, 0)), _floats(get(10, [])), layer.name)
+    return _activation(y, integer(9, 0), _floats(get(10, [])), layer.name)
 
 
-_BINARY = {
+_BINARY: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     0: torch.add,
     1: torch.sub,
     2: torch.mul,
@@ -258,20 +271,20 @@ _BINARY = {
 
 
 def _run_layer(layer: NcnnLayer, xs: list[torch.Tensor], blobs: list[np.ndarray]) -> list[torch.Tensor]:
-    get, kind = layer.get, layer.type
+    get, integer, real, kind = layer.get, layer.integer, layer.real, layer.type
     if kind == "Split":
         return xs * len(layer.outputs)
     if kind in ("Convolution", "ConvolutionDepthWise"):
         return [_convolution(layer, xs[0], blobs)]
     if kind == "Concat":
-        axis = int(get(0, 0))
+        axis = integer(0, 0)
         return [torch.cat(xs, dim=1 + (axis if axis >= 0 else axis + 3))]
     if kind == "ReLU":
-        return [F.leaky_relu(xs[0], float(get(0, 0.0)))]
+        return [F.leaky_relu(xs[0], real(0, 0.0))]
     if kind == "Sigmoid":
         return [torch.sigmoid(xs[0])]
     if kind == "Eltwise":
-        op, coeffs = int(get(0, 1)), _floats(get(1, []))
+        op, coeffs = integer(0, 1), _floats(get(1, []))
         if op == 1:
             coeffs = coeffs or [1.0] * len(xs)
             return [sum(c * x for c, x in zip(coeffs, xs, strict=True))]  # type: ignore[list-item]
@@ -281,20 +294,20 @@ def _run_layer(layer: NcnnLayer, xs: list[torch.Tensor], blobs: list[np.ndarray]
             out = reduce(out, x)
         return [out]
     if kind == "BinaryOp":
-        op = int(get(0, 0))
+        op = integer(0, 0)
         if op not in _BINARY:
             raise NcnnError(f"layer {layer.name}: BinaryOp type {op} is not supported")
-        b = torch.tensor(float(get(2, 0.0)), dtype=xs[0].dtype) if int(get(1, 0)) else xs[1]
+        b = torch.tensor(real(2, 0.0), dtype=xs[0].dtype) if integer(1, 0) else xs[1]
         return [_BINARY[op](xs[0], b)]
     if kind == "Interp":
-        mode = {1: "nearest", 2: "bilinear"}.get(int(get(0, 0)))
+        mode = {1: "nearest", 2: "bilinear"}.get(integer(0, 0))
         if mode is None:
             raise NcnnError(f"layer {layer.name}: Interp resize type {get(0, 0)} is not supported")
-        size = (int(get(3, 0)), int(get(4, 0)))
+        size = (integer(3, 0), integer(4, 0))
         kwargs = {"align_corners": bool(get(6, 0))} if mode == "bilinear" else {}
         if all(size):
             return [F.interpolate(xs[0], size=size, mode=mode, **kwargs)]
-        scale = (float(get(1, 1.0)), float(get(2, 1.0)))
+        scale = (real(1, 1.0), real(2, 1.0))
         return [F.interpolate(xs[0], scale_factor=scale, mode=mode, **kwargs)]
     raise NcnnError(f"layer {layer.name}: type {kind} is not supported by the torch interpreter")
 
@@ -342,16 +355,16 @@ def _rrdbnet_for(convs: list[NcnnLayer]) -> RRDBNet:
     if len(convs) < 21 or (len(convs) - 6) % 15:
         raise NcnnError(f"{len(convs)} Convolution layers: an RRDBNet has 6 + 15 per RRDB block")
     first, grow = convs[0], convs[1]
-    in_ch = int(first.get(6, 0)) // max(1, int(first.get(0, 1)) * 9)
+    in_ch = first.integer(6, 0) // max(1, first.integer(0, 1) * 9)
     if in_ch != 3:
         raise NcnnError(f"the first convolution takes {in_ch} channels; only x4 RGB RRDBNet graphs (3) convert")
     return RRDBNet(
         num_in_ch=3,
-        num_out_ch=int(convs[-1].get(0, 0)),
+        num_out_ch=convs[-1].integer(0, 0),
         scale=4,
-        num_feat=int(first.get(0, 0)),
+        num_feat=first.integer(0, 0),
         num_block=(len(convs) - 6) // 15,
-        num_grow_ch=int(grow.get(0, 0)),
+        num_grow_ch=grow.integer(0, 0),
     )
 
 
@@ -375,7 +388,7 @@ def convert_rrdbnet(
     for layer, name in zip(convs, model.conv_names(), strict=True):
         weight, bias = targets[f"{name}.weight"], targets[f"{name}.bias"]
         # kernel 1/11, dilation 2/12, stride 3/13, padding 4/14/15/16 (w/h keys default to w).
-        geometry = [int(layer.get(k, layer.get(w_key, default))) for k, w_key, default in _CONV_GEOMETRY]
+        geometry = [layer.integer(k, layer.integer(w_key, default)) for k, w_key, default in _CONV_GEOMETRY]
         if geometry != [3, 3, 1, 1, 1, 1, 1, 1, 1, 1]:
             raise NcnnError(f"layer {layer.name} ({name}): not a 3x3 stride-1 padding-1 convolution ({layer.params})")
         blobs = weights.get(layer.name, [])
@@ -395,7 +408,9 @@ def convert_rrdbnet(
     return state
 
 
-def _verify(graph: NcnnGraph, weights: Mapping[str, list[np.ndarray]], model: RRDBNet, state: dict) -> None:
+def _verify(
+    graph: NcnnGraph, weights: Mapping[str, list[np.ndarray]], model: RRDBNet, state: dict[str, torch.Tensor]
+) -> None:
     model.load_state_dict(state)
     probe = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = run_graph(graph, weights, probe)

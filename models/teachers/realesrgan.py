@@ -192,7 +192,7 @@ class RealESRGANTeacher:
         """``[B, 3, h, w]`` in [0, 1] → ``[B, 3, 4h, 4w]`` clamped to [0, 1], in ``lr``'s dtype."""
         if lr.dim() != 4 or lr.shape[1] != 3:
             raise ValueError(f"expected an LR batch [B, 3, h, w], got {tuple(lr.shape)}")
-        out = self.net(lr.to(device=self.device, dtype=self.dtype))
+        out: torch.Tensor = self.net(lr.to(device=self.device, dtype=self.dtype))
         return out.clamp_(0.0, 1.0).to(lr.dtype)
 
     def __repr__(self) -> str:

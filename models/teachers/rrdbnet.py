@@ -46,7 +46,8 @@ class ResidualDenseBlock(nn.Module):
         features = [x]
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             features.append(F.leaky_relu(conv(torch.cat(features, dim=1)), LRELU_SLOPE))
-        return self.conv5(torch.cat(features, dim=1)) * RESIDUAL_SCALE + x
+        out: torch.Tensor = self.conv5(torch.cat(features, dim=1))
+        return out * RESIDUAL_SCALE + x
 
 
 class RRDB(nn.Module):
@@ -59,7 +60,8 @@ class RRDB(nn.Module):
         self.rdb3 = ResidualDenseBlock(num_feat, num_grow_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rdb3(self.rdb2(self.rdb1(x))) * RESIDUAL_SCALE + x
+        out: torch.Tensor = self.rdb3(self.rdb2(self.rdb1(x)))
+        return out * RESIDUAL_SCALE + x
 
 
 class RRDBNet(nn.Module):
@@ -112,5 +114,5 @@ class RRDBNet(nn.Module):
         feat = feat + self.conv_body(self.body(feat))
         feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
         feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
-        out = self.conv_last(F.leaky_relu(self.conv_hr(feat), LRELU_SLOPE))
+        out: torch.Tensor = self.conv_last(F.leaky_relu(self.conv_hr(feat), LRELU_SLOPE))
         return out[..., : h * self.scale, : w * self.scale]

@@ -37,7 +37,8 @@ def teacher_outputs(
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             if meta.get("pairs") == pairs.fingerprint and meta.get("teacher") == teacher_name:
-                return f.get_tensor("sr")
+                cached: torch.Tensor = f.get_tensor("sr")
+                return cached
     teacher = load()
     out = torch.empty_like(pairs.hr)
     for start in range(0, len(pairs), batch):

@@ -110,9 +110,10 @@ class TrainConfig:
         if self.stage == "stage1" and self.loss.fidelity and not self.fidelity_teacher:
             raise ConfigError("loss.fidelity > 0 needs 'fidelity_teacher'")
         BandSplit.from_config(self.band_split)  # a bad setting fails here, not after training
-        self.alpha_ends = tuple(self.alpha_ends)
-        if len(self.alpha_ends) != 2 or min(self.alpha_ends) < 0 or sum(self.alpha_ends) > 1:
-            raise ConfigError(f"alpha_ends must be two probabilities summing to at most 1, got {list(self.alpha_ends)}")
+        ends = tuple(self.alpha_ends)  # a list when read from JSON
+        if len(ends) != 2 or min(ends) < 0 or sum(ends) > 1:
+            raise ConfigError(f"alpha_ends must be two probabilities summing to at most 1, got {list(ends)}")
+        self.alpha_ends = (ends[0], ends[1])
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"amp must be auto, bf16 or off, not {self.amp!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "teacher_batch"):

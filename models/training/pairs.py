@@ -59,8 +59,8 @@ def _load_photo(path: Path, scales: tuple[float, ...], min_side: int) -> list[to
         size = (round(rgb.width * s), round(rgb.height * s))
         if min(size) < min_side:
             continue
-        im = rgb if s == 1.0 else rgb.resize(size, Image.Resampling.LANCZOS)
-        copies.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous())
+        scaled = rgb if s == 1.0 else rgb.resize(size, Image.Resampling.LANCZOS)
+        copies.append(torch.from_numpy(np.array(scaled)).permute(2, 0, 1).contiguous())
     if not copies:
         raise ConfigError(f"{path}: smaller than one {min_side}px crop")
     return copies

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from ..errors import ConfigError
 from ..student import CTSRStudent
 from .config import TrainConfig
 from .discriminator import UNetDiscriminatorSN, discriminator_loss, feature_matching, generator_adversarial
+
+if TYPE_CHECKING:
+    from ..teachers.fidelity import FidelityTeacher
 
 Batch = dict[str, torch.Tensor]
 CacheLevel = tuple[str, Callable[[torch.Tensor, Batch], Batch]]
@@ -66,6 +69,8 @@ class Stage(ABC):
 
 class FidelityTeacherStage(Stage):
     """L1 to the HR photo: the PSNR-oriented teacher."""
+
+    model: FidelityTeacher
 
     def __init__(self, config: TrainConfig) -> None:
         from ..teachers.fidelity import FidelityTeacher
@@ -142,7 +147,13 @@ class _StudentStage(Stage):
         if not self._has_encoder_cache():
             return []
         key = f"{self.student.family}-prefix-{self._digest(('stage1', 'stage2'))}"
-        return [(key, lambda lr, _: self.student.encoder_cache(lr))]  # type: ignore[arg-type,return-value]
+
+        def prefix(lr: torch.Tensor, _: Batch) -> Batch:
+            cached = self.student.encoder_cache(lr)
+            assert cached is not None  # _has_encoder_cache: the family overrides encoder_cache
+            return cached
+
+        return [(key, prefix)]
 
     # -- realness terms shared by both stages -------------------------------------------------
     def _critic_terms(self, sr: torch.Tensor, batch: Batch, weight: torch.Tensor) -> dict[str, torch.Tensor]:

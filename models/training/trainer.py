@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ class Trainer:
             quiet = self.progress is False
             with tqdm(total=len(self.pairs), desc=f"teacher {name}", unit="pair", disable=quiet) as bar:
                 out[key] = teacher_outputs(
-                    self.pairs, name, lambda s=spec: load_teacher(s, self.device), self.device,
+                    self.pairs, name, partial(load_teacher, spec, self.device), self.device,
                     self.config.teacher_batch, bar.update,
                 )  # fmt: skip
         return out
@@ -147,6 +148,7 @@ class Trainer:
                 with self._autocast():
                     terms = self.stage.losses(batch)
                 loss = sum(terms.values())
+                assert isinstance(loss, torch.Tensor)  # every stage returns at least one loss term
                 if not torch.isfinite(loss):
                     raise ConfigError(f"loss became {loss.item()} at step {self.step}; lower lr")
                 optim.zero_grad(set_to_none=True)
