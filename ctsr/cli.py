@@ -46,7 +46,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.defaults import COLOR_FIXES, DEFAULT_OVERLAP, DEFAULT_TILE
+    from models.defaults import COLOR_FIXES, DEFAULT_COLOR_FIX, DEFAULT_OVERLAP, DEFAULT_TILE
 
     parser = argparse.ArgumentParser(prog="ctsr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--batch", type=_positive, default=4, help="tiles per forward pass")
     up.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    up.add_argument("--color-fix", default="wavelet", choices=list(COLOR_FIXES))
+    up.add_argument("--color-fix", default=DEFAULT_COLOR_FIX, choices=list(COLOR_FIXES))
     up.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, fast run)")
     up.add_argument("--base", type=Path, help="sd21: local diffusers SD-2.1-base folder (overrides config)")
     up.add_argument("--max-pixels", type=_positive, default=64_000_000, help="refuse larger inputs")

@@ -13,13 +13,12 @@ the contract may import a torch-free leaf of ``models``: ``models.defaults`` imp
 ``models/__init__`` loads its torch-backed names lazily, so this module still loads without torch
 (``tests/test_contract.py`` checks it in a fresh interpreter). One definition of each value, and
 the arrow points from the queue to the model, never back. The version string is the installed
-package's (``[project] version`` in ``pyproject.toml``), read through :mod:`importlib.metadata`.
+package's (``[project] version`` in ``pyproject.toml``), read once, in ``ctsr/__init__.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import time
 import uuid
@@ -31,16 +30,10 @@ from models.defaults import COLOR_FIXES as COLOR_FIXES
 from models.defaults import DEFAULT_ALPHA as DEFAULT_ALPHA
 from models.defaults import DEFAULT_COLOR_FIX as DEFAULT_COLOR_FIX
 
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("ctsr")
-    except importlib.metadata.PackageNotFoundError:  # a bare checkout, never installed
-        return "0+unknown"
-
+from . import __version__
 
 #: This release's version (the package's, from pyproject.toml): the API's ``info.version``.
-VERSION = _package_version()
+VERSION = __version__
 
 #: RQ calls this for a job; the batching worker runs the same code for many jobs at once.
 JOB_FUNC = "worker.tasks.upscale"

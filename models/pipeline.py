@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .color import apply_color_fix, check_color_fix
-from .defaults import DEFAULT_ALPHA, DEFAULT_OVERLAP, DEFAULT_TILE
+from .defaults import DEFAULT_ALPHA, DEFAULT_COLOR_FIX, DEFAULT_OVERLAP, DEFAULT_TILE
 from .device import is_out_of_memory, resolve_device, resolve_dtype
 from .errors import ConfigError, CTSRError
 from .imaging import LoadedImage, to_pil, upscale_alpha
@@ -42,7 +42,7 @@ class UpscaleJob:
 
     image: torch.Tensor
     alphas: Sequence[float] = (DEFAULT_ALPHA,)
-    color_fix: str = "wavelet"
+    color_fix: str = DEFAULT_COLOR_FIX
     tag: Any = None  # the caller's handle, carried through untouched
 
     def __post_init__(self) -> None:
@@ -255,7 +255,7 @@ class Upscaler:
         return _to_host([c.result() for c in canvases])
 
     def upscale_image(
-        self, image: LoadedImage, alphas: Sequence[float] = (DEFAULT_ALPHA,), color_fix: str = "wavelet"
+        self, image: LoadedImage, alphas: Sequence[float] = (DEFAULT_ALPHA,), color_fix: str = DEFAULT_COLOR_FIX
     ) -> list[Any]:
         """A loaded image → one Pillow image per alpha, in the input's mode (alpha recombined)."""
         (out,) = self.run([UpscaleJob(image.rgb, alphas, color_fix)])
