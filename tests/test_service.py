@@ -579,9 +579,23 @@ def test_a_cancel_after_a_workers_claim_asks_it_to_stop(stack: Stack) -> None:
     assert job_id not in stack.queue.finished_job_registry
 
 
-def test_cancel_a_running_job(stack: Stack) -> None:
+def test_cancel_a_running_job(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     data = jpeg(240, 180)  # ~80 tiles: long enough to be canceled while it runs
     job_id = stack.accepted(data, alphas=(0.0, 1.0))
+    run = stack.engine.run
+
+    def paced_run(jobs: Any, on_batch: Any = None) -> Any:
+        """Forward passes at least 20 ms apart, as a real model's are: on a loaded CI machine the
+        tiny test model could otherwise finish all ~80 before the cancel request is served."""
+
+        def paced(tiles: int) -> None:
+            time.sleep(0.02)
+            if on_batch:
+                on_batch(tiles)
+
+        return run(jobs, on_batch=paced)
+
+    monkeypatch.setattr(stack.engine, "run", paced_run)
     replies: list[httpx.Response] = []
 
     def cancel_when_started() -> None:
