@@ -1,6 +1,8 @@
 """Load test of the whole service against the bare model, on one machine, in one run.
 
-Starts ``ctsr serve`` (embedded Redis, one worker, the gateway) with a ``compact`` checkpoint,
+Starts ``ctsr serve`` (embedded Redis, one worker, the gateway) with a checkpoint (``--model``:
+a folder or a bundled name, ``rrdb`` the default, ``compact`` the fast one; or a freshly
+initialised ``--preset``),
 drives it with asyncio httpx clients at several concurrency levels (each client: POST /upscale
 with ``Prefer: wait`` → the 4× PNG), and reports throughput, p50/p99 latency and the worker's
 mean batch, beside the bare model's images/s at that batch size measured in this process. A
@@ -8,7 +10,8 @@ second phase measures how many uploads/s the gateway alone accepts (no worker, j
 with the asyncio client and, when the Debian package ``wrk`` is installed, with wrk (a C load
 generator that leaves the CPU to the gateway).
 
-    python benchmarks/bench_service.py --json benchmarks/results/service_cpu.json
+    python benchmarks/bench_service.py --model compact --json benchmarks/results/service_cpu_compact.json
+    python benchmarks/bench_service.py --model rrdb --seconds 60 --json benchmarks/results/service_cpu_rrdb.json
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from PIL import Image
 from ctsr.serving import wait_ready
 from models import build_student, save_student
 from models.pipeline import TileRunner
-from models.presets import load_preset
+from models.presets import load_preset, resolve_model
 
 
 def free_port() -> int:
@@ -87,17 +90,16 @@ async def drive(url: str, clients: int, seconds: float, body: bytes, wait: bool)
 def bare_rate(student_dir: Path, batch: int, side: int, seconds: float = 3.0) -> float:
     from models import load_student
 
-    runner = TileRunner(load_student(student_dir), "cpu")
-    lr = torch.rand(batch, 3, side, side)
-    alpha = torch.full((batch,), 0.5)
+    runner = TileRunner(load_student(student_dir), "cpu")  # prepared as the worker prepares it
+    lr = torch.rand(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
+    alpha = torch.full((batch,), 0.5)  # what the load generator asks for (the API's default)
     s = runner.student
     with torch.inference_mode():
-        s.decode(s.mix(s.encode(lr), s.velocity(s.encode(lr)), alpha))
+        s(lr, alpha)
         times, start = [], time.perf_counter()
         while time.perf_counter() - start < seconds or len(times) < 3:
             t0 = time.perf_counter()
-            z0 = s.encode(lr)
-            s.decode(s.mix(z0, s.velocity(z0), alpha))
+            s(lr, alpha)
             times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)
 
@@ -169,13 +171,17 @@ def main() -> None:
     p.add_argument("--side", type=int, default=128, help="LR side (output is 4x)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=int, default=20)
-    p.add_argument("--preset", default="compact-x4")
+    p.add_argument("--model", help="checkpoint folder or bundled name (rrdb, compact); default: --preset")
+    p.add_argument("--preset", default="compact-x4", help="a freshly initialised preset, when no --model")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="ctsr-bench-"))
     torch.manual_seed(0)
-    model = save_student(build_student(load_preset(args.preset)), tmp / "model")
+    if args.model:
+        model = resolve_model(args.model)
+    else:
+        model = save_student(build_student(load_preset(args.preset)), tmp / "model")
     body = png(args.side, 0)
     rows = []
 
@@ -250,7 +256,8 @@ def main() -> None:
         print(f"{r['clients']:>7} {r['img_s']:>8.2f} {r['bare_img_s_at_batch']:>10.2f} {r['service_over_bare']:>6.1%} "
               f"{r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['mean_batch_tiles']:>6.2f}")  # fmt: skip
     if args.json:
-        result = {"preset": args.preset, "lr_side": args.side, "max_batch": args.max_batch, "torch": torch.__version__,
+        result = {"model": str(args.model or args.preset), "lr_side": args.side, "max_batch": args.max_batch,
+                  "torch": torch.__version__,
                   "cpu_threads": torch.get_num_threads(), "rows": rows, "gateway_accept": accept}  # fmt: skip
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
