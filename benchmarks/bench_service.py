@@ -84,6 +84,8 @@ async def drive(url: str, clients: int, seconds: float, body: bytes, wait: bool)
         await asyncio.gather(*(client(http) for _ in range(clients)))
     elapsed = time.perf_counter() - start
     bad = sum(n for code, n in statuses.items() if code != (200 if wait else 202))
+    if bad:
+        print(f"  {clients} clients: answers by status {dict(sorted(statuses.items()))}", flush=True)
     return latencies, bad, elapsed
 
 
@@ -104,6 +106,14 @@ def bare_rate(student_dir: Path, batch: int, side: int, seconds: float = 3.0) ->
     return batch / statistics.median(times)
 
 
+def server_log(proc: subprocess.Popen[bytes]) -> str:
+    """The tail of a process's log started by :func:`start`."""
+    return LOGS[proc.pid].read_text(errors="replace")[-3000:]
+
+
+LOGS: dict[int, Path] = {}
+
+
 def start(args: argparse.Namespace, model: Path, workers: bool, port: int, metrics_port: int) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -119,7 +129,13 @@ def start(args: argparse.Namespace, model: Path, workers: bool, port: int, metri
     cmd = [sys.executable, "-m", "ctsr.cli", "serve", "--port", str(port)]
     if not workers:
         cmd = [sys.executable, "-c", GATEWAY_ONLY, str(port)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a file, not a pipe: a pipe nobody reads fills up with the worker's per-job log lines and
+    # then blocks the whole service (it did, mid-run, at 16 clients)
+    path = Path(env["CTSR_STATE_DIR"]) / "serve.log"
+    with open(path, "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    LOGS[proc.pid] = path
+    return proc
 
 
 # The gateway alone on an embedded Redis (readiness needs no worker for this phase).
@@ -190,7 +206,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         if not wait_ready(url, 180):
-            raise SystemExit(f"ctsr serve did not become ready: {server.stderr.read() if server.stderr else ''}")
+            raise SystemExit(f"ctsr serve did not become ready; its log:\n{server_log(server)}")
         asyncio.run(drive(url, 1, 3, body, wait=True))  # warm the path
         for clients in args.clients:
             tiles0 = scrape(metrics_port, "ctsr_worker_batch_tiles_sum")
