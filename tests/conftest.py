@@ -69,6 +69,20 @@ def make_compact(velocity_gain: float = 1.0, seed: int = 0, **arch: int) -> mode
     return student
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers-layout SD base folder (unet/, vae/; no text encoder, no scheduler) at sd21-tiny width."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    arch = load_preset("sd21-tiny").arch
+    base = tmp_path_factory.mktemp("base") / "sd21-tiny-base"
+    torch.manual_seed(11)
+    UNet2DConditionModel.from_config(arch["unet"]).save_pretrained(base / "unet")
+    AutoencoderKL.from_config(arch["vae"]).save_pretrained(base / "vae")
+    return base
+
+
 def with_band_split(student: models.CTSRStudent, sigma: float, lead: float) -> models.CTSRStudent:
     """The same weights, built from a config that adds band-split decoding (``models.bandsplit``)."""
     config = dataclasses.replace(student.config, band_split={"sigma": sigma, "lead": lead})

@@ -239,17 +239,6 @@ def test_sd21_missing_base_model(tmp_path: Path) -> None:
     assert "unet/config.json" not in str(info.value)
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A diffusers-layout base folder (unet/, vae/) at sd21-tiny width."""
-    arch = load_preset("sd21-tiny").arch
-    base = tmp_path_factory.mktemp("base") / "sd21-tiny-base"
-    torch.manual_seed(11)
-    UNet2DConditionModel.from_config(arch["unet"]).save_pretrained(base / "unet")
-    AutoencoderKL.from_config(arch["vae"]).save_pretrained(base / "vae")
-    return base
-
-
 def _base_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if "lora_" not in k}
 

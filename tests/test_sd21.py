@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_sd21, perturb_lora, photo_crop
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 
 import models
 from models.checkpoint import load_student, save_student
@@ -40,17 +40,6 @@ def _perturb_student_only(student: torch.nn.Module) -> None:
         for name, param in student.named_parameters():
             if "lora_B" in name and ".student." in name:
                 param.normal_(0, 0.02)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A diffusers-layout base folder (unet/, vae/, no text encoder, no scheduler) at sd21-tiny width."""
-    arch = load_preset("sd21-tiny").arch
-    base = tmp_path_factory.mktemp("base") / "sd21-tiny-base"
-    torch.manual_seed(11)
-    UNet2DConditionModel.from_config(arch["unet"]).save_pretrained(base / "unet")
-    AutoencoderKL.from_config(arch["vae"]).save_pretrained(base / "vae")
-    return base
 
 
 def _with_scheduler(base: Path, folder: Path, **options: Any) -> Path:
