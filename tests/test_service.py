@@ -431,6 +431,42 @@ def test_upload_too_large_is_cut_off_while_streaming(stack: Stack, declared: str
     assert_nothing_queued(stack)
 
 
+def test_a_slow_upload_check_does_not_stall_other_requests(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's checks and the Redis writes of an upload run in a thread: while one is slow, the
+    gateway's event loop still answers everyone else."""
+    import service.routes.jobs as routes
+
+    check = routes.check_image
+
+    def slow_check(data: bytes, settings: Settings) -> tuple[int, int]:
+        time.sleep(1.0)  # a huge header, a slow disk or a slow Redis round trip
+        return check(data, settings)
+
+    monkeypatch.setattr(routes, "check_image", slow_check)
+
+    async def both() -> tuple[float, float, httpx.Response]:
+        transport = httpx.ASGITransport(app=stack.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            start = time.perf_counter()
+
+            async def upload() -> tuple[float, httpx.Response]:
+                response = await client.post("/upscale", files={"image": ("a.jpg", VALID, "image/jpeg")})
+                return time.perf_counter() - start, response
+
+            async def probe() -> float:
+                await asyncio.sleep(0.2)  # the upload is in its slow check by now
+                await client.get("/livez")
+                return time.perf_counter() - start
+
+            (upload_s, response), livez_s = await asyncio.gather(upload(), probe())
+            return upload_s, livez_s, response
+
+    upload_s, livez_s, response = asyncio.run(both())
+    assert response.status_code == 202, response.text
+    assert upload_s >= 1.0
+    assert livez_s < 0.8, f"/livez waited {livez_s:.2f} s behind the upload's check"
+
+
 def test_image_over_max_upload_bytes_is_refused(stack: Stack) -> None:
     stack.settings.max_upload_bytes = 1024
     data = noise_jpeg(80, 60)  # a valid JPEG many times the limit, but under the 64 KiB slack

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -44,7 +45,15 @@ from ..deps import Caller, Gateway, GatewayDep, Jobs
 from ..errors import APIError
 from ..jobs import JobLookup, StoredResult, job_urls
 from ..schemas import PREFER_PARAMETER, ROUTE_RESPONSES
-from ..uploads import BodyTooLarge, check_image, check_output_size, limited_receive, parse_alpha, parse_options
+from ..uploads import (
+    BodyTooLarge,
+    UpscaleOptions,
+    check_image,
+    check_output_size,
+    limited_receive,
+    parse_alpha,
+    parse_options,
+)
 from ..webhooks import check_url
 
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields around the image
@@ -94,9 +103,12 @@ router = APIRouter()
     responses=ROUTE_RESPONSES["POST /upscale"],
 )
 async def upscale(request: Request, gateway: GatewayDep, jobs: Jobs, owner: Caller) -> Response:
-    settings, metrics = gateway.settings, gateway.metrics
-    rate_headers = gateway.limiter.hit(caller_id(request, owner))  # before reading the body
-    queued = await asyncio.get_running_loop().run_in_executor(None, lambda: gateway.queue.count)
+    settings, metrics, loop = gateway.settings, gateway.metrics, asyncio.get_running_loop()
+    # Redis round trips and Pillow run in threads: a slow one must not stall the event loop,
+    # which serves every other connection of this gateway
+    caller = caller_id(request, owner)
+    rate_headers = await loop.run_in_executor(None, gateway.limiter.hit, caller)  # before reading the body
+    queued = await loop.run_in_executor(None, lambda: gateway.queue.count)
     if queued >= settings.max_queue_depth:
         metrics.rejected.labels("queue_full").inc()  # refused before a byte of the body is read
         raise APIError(429, "queue_full", "the queue is full; retry later", {"Retry-After": "10"})
@@ -133,7 +145,7 @@ async def upscale(request: Request, gateway: GatewayDep, jobs: Jobs, owner: Call
 
 
 async def _accept(request: Request, form: FormData, owner: str | None, gateway: Gateway, jobs: JobLookup) -> Response:
-    settings, queue = gateway.settings, gateway.queue
+    settings, loop = gateway.settings, asyncio.get_running_loop()
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise APIError(400, "missing_image", "send the image as a file in the multipart field 'image'")
@@ -144,8 +156,31 @@ async def _accept(request: Request, form: FormData, owner: str | None, gateway: 
             raise APIError(400, "invalid_webhook", "webhook must be a URL string")
         if not settings.webhook_secret:
             raise APIError(400, "webhooks_disabled", "this service has no webhook secret configured")
-        await asyncio.get_running_loop().run_in_executor(None, check_url, webhook, settings)
+        await loop.run_in_executor(None, check_url, webhook, settings)
     data = await upload.read()
+    job_id = await loop.run_in_executor(None, _admit, gateway, data, options, owner, webhook)
+    if settings.redis_min_replica_acks:
+        await loop.run_in_executor(None, _await_replicas, gateway, job_id)
+    gateway.metrics.submitted.inc()
+    body = {"id": job_id, "status": "queued", "urls": job_urls(job_id)}
+    wait = prefer_wait(request.headers.get("prefer"))
+    # Past CTSR_MAX_WAITERS the preference is not applied (RFC 7240 lets a server ignore it):
+    # the job is queued all the same and the client gets its 202 at once, never a late one.
+    if wait and gateway.waiting < settings.max_waiters:
+        gateway.waiting += 1
+        try:
+            job = await _wait_for(gateway, job_id, min(wait, settings.max_wait_s))
+        finally:
+            gateway.waiting -= 1
+        return await loop.run_in_executor(gateway.waiters, _answer_after_wait, jobs, job, len(options.alphas), body)
+    return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job_id}"})
+
+
+def _admit(gateway: Gateway, data: bytes, options: UpscaleOptions, owner: str | None, webhook: str | None) -> str:
+    """Check the image (headers only), store it and enqueue its job; the new job's id.
+
+    Blocking (Pillow, Redis): runs in a thread."""
+    settings, queue = gateway.settings, gateway.queue
     width, height = check_image(data, settings)
     check_output_size(width, height, options.format, len(options.alphas), settings)
     if queue.count >= settings.max_queue_depth:
@@ -168,26 +203,20 @@ async def _accept(request: Request, form: FormData, owner: str | None, gateway: 
         retry=JobRetry(max=settings.job_retries) if settings.job_retries else None,
         description=f"upscale {width}x{height} alphas={','.join(map(alpha_label, options.alphas))}",
     )
-    if settings.redis_min_replica_acks:
-        await asyncio.get_running_loop().run_in_executor(None, _await_replicas, gateway, job_id)
-    gateway.metrics.submitted.inc()
-    body = {"id": job_id, "status": "queued", "urls": job_urls(job_id)}
-    wait = prefer_wait(request.headers.get("prefer"))
-    # Past CTSR_MAX_WAITERS the preference is not applied (RFC 7240 lets a server ignore it):
-    # the job is queued all the same and the client gets its 202 at once, never a late one.
-    if wait and gateway.waiting < settings.max_waiters:
-        gateway.waiting += 1
-        try:
-            job = await _wait_for(gateway, job_id, min(wait, settings.max_wait_s))
-        finally:
-            gateway.waiting -= 1
-        status = job.get_status(refresh=False)
-        if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
-            if len(options.alphas) == 1 and status == JobStatus.FINISHED:  # the image itself
-                return _image(jobs.result(job, None))
-            return JSONResponse(jobs.describe(job), status_code=200)
-        body["status"] = jobs.status(job)  # queued or started by now
-    return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job_id}"})
+    return job_id
+
+
+def _answer_after_wait(jobs: JobLookup, job: Job, alphas: int, body: dict[str, Any]) -> Response:
+    """The answer to ``Prefer: wait`` once the wait ended: the image, the job, or the 202 body.
+
+    Blocking (reads the result from Redis): runs in a thread."""
+    status = job.get_status(refresh=False)
+    if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
+        if alphas == 1 and status == JobStatus.FINISHED:  # the image itself
+            return _image(jobs.result(job, None))
+        return JSONResponse(jobs.describe(job), status_code=200)
+    body["status"] = jobs.status(job)  # queued or started by now
+    return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 
 def _await_replicas(gateway: Gateway, job_id: str) -> None:
