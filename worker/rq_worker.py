@@ -267,6 +267,7 @@ class BatchWorker(SimpleWorker):
                 self._fail(job, queue, execution, outcome)
             else:
                 rqa.finish_success(self, job, queue, execution, outcome)
+                self.store.delete(input_key(job.id))  # finished: nothing will read it again
                 self.metrics.jobs.labels("finished").inc()
                 self._announce(job)
         rqa.mark_idle(self)

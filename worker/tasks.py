@@ -17,6 +17,7 @@ def upscale(payload: dict[str, Any]) -> dict[str, Any]:
     from rq import get_current_job
 
     from ctsr.blobs import open_blob_store
+    from ctsr.contract import input_key
     from ctsr.settings import Settings
 
     from .engine import BatchEngine
@@ -33,4 +34,5 @@ def upscale(payload: dict[str, Any]) -> dict[str, Any]:
     (outcome,) = process_jobs(_engine, store, [payload], settings.result_ttl_s)
     if isinstance(outcome, BaseException):
         raise outcome
+    store.delete(input_key(job.id))  # finished (RQ records it when this returns)
     return outcome
