@@ -187,6 +187,8 @@ def test_forwarded_for_counts_only_from_trusted_proxies(redis: Any, tmp_path: An
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: answers_ok(f"{url}/livez"), 60, what="the gateway")
+        if time.time() % 60 > 40:  # the limiter counts in fixed minutes: keep the three in one
+            time.sleep(60.5 - time.time() % 60)
         codes = []
         for i in range(3):  # three different claimed clients from one real peer
             files = {"image": ("in.jpg", jpeg(40, 32), "image/jpeg")}
