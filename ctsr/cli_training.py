@@ -24,6 +24,12 @@ def add_parsers(sub: Any, positive: Any, alpha: Any) -> None:
     pairs.add_argument("--hr-size", type=positive, default=256, help="HR crop edge (LR = HR / 4)")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--workers", type=positive, help="processes degrading pairs (default: one per core)")
+    pairs.add_argument(
+        "--degradation",
+        type=Path,
+        metavar="JSON",
+        help="degradation-model overrides (default: Real-ESRGAN x4plus), e.g. models/configs/degradations/light.json",
+    )
     pairs.set_defaults(handler=cmd_data_pairs)
 
     train = sub.add_parser("train", help="run one training stage from a JSON config")
@@ -77,11 +83,15 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 def cmd_data_pairs(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from models.config import read_json_object
     from models.training.pairs import PairSpec, make_pairs
     from models.training.photos import photo_files
 
     files = photo_files([args.photos], args.split)
-    spec = PairSpec(count=args.count, hr_size=args.hr_size, seed=args.seed)
+    overrides = read_json_object(args.degradation, "degradation options") if args.degradation else {}
+    overrides.pop("comment", None)
+    spec = PairSpec(count=args.count, hr_size=args.hr_size, seed=args.seed, degradation=overrides)
+    spec.degradation_config()  # refuse bad overrides before any work
     with tqdm(total=spec.count, desc="pairs", unit="pair", disable=None) as bar:
         make_pairs(files, spec, args.output, args.workers, progress=bar.update)
     print(f"wrote {spec.count} pairs from {len(files)} photos to {args.output}")

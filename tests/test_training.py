@@ -7,6 +7,7 @@ degradations of a real photo, real optimisers; only sizes are cut down to fit CI
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -98,6 +99,36 @@ def test_pairs_are_seeded_and_degraded(pairs: PairSet, tmp_path: Path, monkeypat
     # The LR is a degraded image, not a clean downscale: it differs from area-downscaled HR.
     clean = torch.nn.functional.avg_pool2d(pairs.hr.float(), 4)
     assert (clean - pairs.lr.float()).abs().mean() > 2
+
+
+def test_pairs_take_a_lighter_degradation_from_a_json_file(
+    pairs: PairSet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ctsr data pairs --degradation light.json``: the same crops, degraded less (the bundled
+    light range), recorded in the spec; a bad override is a one-line exit, not a traceback."""
+    from ctsr.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(PHOTO, photos / PHOTO.name)
+    light = Path(__file__).parents[1] / "models/configs/degradations/light.json"
+    args = ["data", "pairs", str(photos), "--count", "12", "--hr-size", "32", "--workers", "1"]
+    assert main([*args, "-o", str(tmp_path / "full")]) == 0
+    assert main([*args, "-o", str(tmp_path / "light"), "--degradation", str(light)]) == 0
+    full, lighter = PairSet.load(tmp_path / "full"), PairSet.load(tmp_path / "light")
+    assert torch.equal(full.hr, lighter.hr) and lighter.spec.degradation["first"]["noise_range"] == [1.0, 8.0]
+
+    def error(p: PairSet) -> float:  # how far the LR is from a clean downscale of its HR
+        return float((torch.nn.functional.avg_pool2d(p.hr.float(), 4) - p.lr.float()).abs().mean())
+
+    assert error(lighter) < 0.8 * error(full), (error(lighter), error(full))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"first": {"blur": [0, 1]}}))
+    capsys.readouterr()
+    assert main([*args, "-o", str(tmp_path / "bad"), "--degradation", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown first-stage options ['blur']" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_invalid_pair_specs_are_refused() -> None:
@@ -221,6 +252,28 @@ def test_resume_continues_exactly_where_it_stopped(
     a, b = load_student(whole).state_dict(), load_student(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+
+
+def test_training_on_two_pairs_folders_draws_from_both(pairs: PairSet, small_preset: str, tmp_path: Path) -> None:
+    """Pairs of two degradation models train together; each folder keeps its own teacher cache."""
+    from models.training.trainer import Trainer
+
+    other = make_pairs([PHOTO], PairSpec(count=6, hr_size=32, seed=9, photo_scales=(1.0,)), tmp_path / "other", 1)
+    config = _config(pairs, tmp_path / "run", stage="stage1", init=small_preset, steps=2, loss={"realness": 1.0})
+    config = dataclasses.replace(config, pairs=[str(pairs.folder), str(other)])
+    trainer = Trainer(config, progress=False)
+    both = torch.cat([pairs.lr, PairSet.load(other).lr])
+    assert torch.equal(trainer.data["lr"], both) and trainer.data["t_real"].shape[0] == 18
+    assert cache_path(PairSet.load(other), "realesrgan-x4plus").is_file()
+    trainer.train()
+    from models import load_student
+
+    record = load_student(tmp_path / "run" / "final").config.provenance["trained_stage1"]
+    assert record["pairs"] == f"{pairs.fingerprint}+{PairSet.load(other).fingerprint}"
+    with pytest.raises(ConfigError, match="not a pairs folder"):
+        Trainer(dataclasses.replace(config, pairs=[str(pairs.folder), str(tmp_path)]), progress=False)
+    with pytest.raises(ConfigError, match="at least one"):
+        dataclasses.replace(config, pairs=[])
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(pairs: PairSet, small_preset: str, tmp_path: Path) -> None:

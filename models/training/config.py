@@ -54,7 +54,8 @@ class LossWeights:
 @dataclass
 class TrainConfig:
     stage: str
-    pairs: str
+    #: A pairs folder, or several (e.g. two degradation models) whose pairs train together.
+    pairs: str | list[str]
     output: str
     #: stage1: a preset name or a checkpoint folder; stage2: the stage-1 checkpoint;
     #: fidelity_teacher: "realesrgan" (start from its weights) or null (random init).
@@ -99,6 +100,8 @@ class TrainConfig:
                 self.loss = LossWeights(**self.loss)
             except TypeError as exc:
                 raise ConfigError(f"invalid loss weights: {exc}") from None
+        if not self.pair_folders():
+            raise ConfigError("pairs: name at least one pairs folder")
         if self.stage not in STAGES:
             raise ConfigError(f"unknown stage {self.stage!r} (one of {', '.join(STAGES)})")
         if self.stage != "fidelity_teacher" and not self.init:
@@ -133,6 +136,9 @@ class TrainConfig:
             return cls(**data)
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+    def pair_folders(self) -> list[Path]:
+        return [Path(p) for p in ([self.pairs] if isinstance(self.pairs, str) else self.pairs)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

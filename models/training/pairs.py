@@ -46,7 +46,7 @@ class PairSpec:
 
     def degradation_config(self) -> DegradationConfig:
         try:
-            return DegradationConfig(**self.degradation)
+            return DegradationConfig.from_dict(self.degradation)
         except TypeError as exc:
             raise ConfigError(f"invalid degradation options: {exc}") from None
 

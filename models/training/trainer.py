@@ -47,15 +47,18 @@ class Trainer:
         self.output = Path(config.output)
         self.device = resolve_device(config.device)
         self.progress = progress
-        self.pairs = PairSet.load(Path(config.pairs))
-        if self.pairs.spec.scale != 4:
+        self.pair_sets = [PairSet.load(folder) for folder in config.pair_folders()]
+        if any(p.spec.scale != 4 for p in self.pair_sets):
             raise ConfigError("training supports x4 pairs")
+        if len({p.lr.shape[1:] for p in self.pair_sets}) > 1:
+            raise ConfigError("pairs folders to train together need one pair size")
         torch.manual_seed(config.seed)  # the same config starts from the same weights
         self.stage: Stage = build_stage(config)
         self.stage.model.to(self.device)
-        # Everything a batch needs, once on the training device (uint8: 2000 pairs ≈ 1.2 GB with both teachers).
-        self.data = {"lr": self.pairs.lr, "hr": self.pairs.hr, **self._teacher_targets(), **self._cached_inputs()}
-        self.data = {k: v.to(self.device) for k, v in self.data.items()}
+        # Everything a batch needs, once on the training device (uint8: 2000 pairs ≈ 1.2 GB with both
+        # teachers); each folder keeps its own caches, so adding a folder recomputes nothing.
+        parts = [self._pair_data(pairs) for pairs in self.pair_sets]
+        self.data = {k: torch.cat([part[k] for part in parts]).to(self.device) for k in parts[0]}
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.elapsed = 0.0  # training seconds so far (carried across resumes)
@@ -66,7 +69,10 @@ class Trainer:
         return max(self.step / c.steps, by_time)
 
     # -- data --------------------------------------------------------------------------------
-    def _teacher_targets(self) -> dict[str, torch.Tensor]:
+    def _pair_data(self, pairs: PairSet) -> dict[str, torch.Tensor]:
+        return {"lr": pairs.lr, "hr": pairs.hr, **self._teacher_targets(pairs), **self._cached_inputs(pairs)}
+
+    def _teacher_targets(self, pairs: PairSet) -> dict[str, torch.Tensor]:
         from tqdm import tqdm
 
         out = {}
@@ -74,31 +80,31 @@ class Trainer:
             spec = getattr(self.config, attr)
             name = teacher_name(spec)
             quiet = self.progress is False
-            with tqdm(total=len(self.pairs), desc=f"teacher {name}", unit="pair", disable=quiet) as bar:
+            with tqdm(total=len(pairs), desc=f"teacher {name}", unit="pair", disable=quiet) as bar:
                 out[key] = teacher_outputs(
-                    self.pairs, name, partial(load_teacher, spec, self.device), self.device,
+                    pairs, name, partial(load_teacher, spec, self.device), self.device,
                     self.config.teacher_batch, bar.update,
                 )  # fmt: skip
         return out
 
-    def _cached_inputs(self) -> dict[str, torch.Tensor]:
+    def _cached_inputs(self, pairs: PairSet) -> dict[str, torch.Tensor]:
         from tqdm import tqdm
 
         self.stage.model.eval()
         out: dict[str, torch.Tensor] = {}
         for key, compute in self.stage.input_cache():
-            with tqdm(total=len(self.pairs), desc=key, unit="pair", disable=self.progress is False) as bar:
-                out = cached_inputs(self.pairs, key, compute, out, self.device, self.config.teacher_batch, bar.update)
+            with tqdm(total=len(pairs), desc=key, unit="pair", disable=self.progress is False) as bar:
+                out = cached_inputs(pairs, key, compute, out, self.device, self.config.teacher_batch, bar.update)
         return {f"in_{name}": value for name, value in out.items()}
 
     def batch(self) -> dict[str, torch.Tensor]:
         """A random batch of pairs, the same random LR crop (and matching SR crop) for each."""
-        c, n = self.config, len(self.pairs)
+        c, n = self.config, len(self.data["lr"])
         idx = torch.randint(n, (c.batch_size,), generator=self.gen).to(self.device)
-        h = self.pairs.lr.shape[-1]
+        h = self.data["lr"].shape[-1]
         crop = min(c.crop or h, h)
         top, left = (int(v) for v in torch.randint(h - crop + 1, (2,), generator=self.gen))
-        s = self.pairs.spec.scale
+        s = self.pair_sets[0].spec.scale
         lr_win = (slice(None), slice(None), slice(top, top + crop), slice(left, left + crop))
         sr_win = (slice(None), slice(None), slice(top * s, (top + crop) * s), slice(left * s, (left + crop) * s))
         out = {}
@@ -190,7 +196,8 @@ class Trainer:
     def _provenance(self) -> dict[str, Any]:
         # Keyed by stage, so a stage-2 checkpoint still records how its stage-1 start was trained.
         record = {"steps": self.step, "seconds": round(self.elapsed, 1), "device": str(self.device),
-                  "pairs": self.pairs.fingerprint, "photos": self.pairs.photos}  # fmt: skip
+                  "pairs": "+".join(p.fingerprint for p in self.pair_sets),
+                  "photos": max(p.photos for p in self.pair_sets)}  # fmt: skip
         return {f"trained_{self.config.stage}": record}
 
     def _checkpoint(self, optim: torch.optim.Optimizer, optim_critic: torch.optim.Optimizer | None) -> None:
