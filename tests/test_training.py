@@ -214,6 +214,12 @@ def test_stage1_then_stage2_learn_and_keep_alpha0(
     with torch.no_grad():  # the encoder and decoder were frozen: alpha=0 is exactly stage 1's output
         assert torch.equal(before(lr, 0.0), after(lr, 0.0))
         assert not torch.allclose(after(lr, 0.0), after(lr, 1.0))
+    # a run continuing stage 2 keeps the first run's record and adds its own
+    s3 = train(_config(pairs, tmp_path / "s3", stage="stage2", init=str(s2), steps=2,
+                       fidelity_teacher=str(fidelity_teacher), loss={"fidelity": 1.0}), progress=False)  # fmt: skip
+    records = load_student(s3).config.provenance
+    assert records["trained_stage2"] == after.config.provenance["trained_stage2"]
+    assert records["trained_stage2_2"]["steps"] == 2
 
 
 @contextlib.contextmanager

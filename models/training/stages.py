@@ -63,6 +63,10 @@ class Stage(ABC):
     def save(self, folder: Path, provenance: dict[str, Any]) -> Path: ...
 
     @abstractmethod
+    def provenance(self) -> dict[str, Any]:
+        """What the starting point records about how it was made."""
+
+    @abstractmethod
     def load_weights(self, folder: Path) -> None:
         """Restore the model from a checkpoint folder this stage saved (for resuming)."""
 
@@ -97,6 +101,9 @@ class FidelityTeacherStage(Stage):
         self.model.provenance.update(provenance)
         return self.model.save_pretrained(folder)
 
+    def provenance(self) -> dict[str, Any]:
+        return self.model.provenance
+
     def load_weights(self, folder: Path) -> None:
         from ..teachers.fidelity import FidelityTeacher
 
@@ -123,6 +130,9 @@ class _StudentStage(Stage):
 
     def save(self, folder: Path, provenance: dict[str, Any]) -> Path:
         return self.student.save_pretrained(folder, provenance)
+
+    def provenance(self) -> dict[str, Any]:
+        return self.student.config.provenance
 
     def load_weights(self, folder: Path) -> None:
         from ..checkpoint import load_student

@@ -54,6 +54,10 @@ class Trainer:
             raise ConfigError("pairs folders to train together need one pair size")
         torch.manual_seed(config.seed)  # the same config starts from the same weights
         self.stage: Stage = build_stage(config)
+        # A run that continues a stage (from a checkpoint of the same stage) adds its own record.
+        self.record_key, n = f"trained_{config.stage}", 2
+        while self.record_key in self.stage.provenance():
+            self.record_key, n = f"trained_{config.stage}_{n}", n + 1
         self.stage.model.to(self.device)
         # Everything a batch needs, once on the training device (uint8: 2000 pairs ≈ 1.2 GB with both
         # teachers); each folder keeps its own caches, so adding a folder recomputes nothing.
@@ -198,7 +202,7 @@ class Trainer:
         record = {"steps": self.step, "seconds": round(self.elapsed, 1), "device": str(self.device),
                   "pairs": "+".join(p.fingerprint for p in self.pair_sets),
                   "photos": max(p.photos for p in self.pair_sets)}  # fmt: skip
-        return {f"trained_{self.config.stage}": record}
+        return {self.record_key: record}
 
     def _checkpoint(self, optim: torch.optim.Optimizer, optim_critic: torch.optim.Optimizer | None) -> None:
         folder = self.output / f"checkpoint-{self.step:06d}"
