@@ -144,14 +144,30 @@ def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out[0].clamp(0, 1)
 
 
+#: Rows converted at a time: a result's float → 8/16-bit conversion needs temporaries of one
+#: strip, not of the whole image (a 4096² float result is 200 MB; each whole-image temporary was too).
+STRIP_ROWS = 256
+
+
+def _quantized(rgb: torch.Tensor, grey: bool) -> np.ndarray:
+    """``[3, H, W]`` floats → uint8 ``[H, W, 3]`` (or uint16 ``[H, W]`` luma), a strip at a time."""
+    h, w = rgb.shape[-2:]
+    out = np.empty((h, w) if grey else (h, w, 3), dtype=np.uint16 if grey else np.uint8)
+    for top in range(0, h, STRIP_ROWS):
+        strip = rgb[:, top : top + STRIP_ROWS].detach().float().cpu().clamp(0, 1)
+        if grey:
+            luma = (0.299 * strip[0] + 0.587 * strip[1] + 0.114 * strip[2]) * 65535
+            out[top : top + STRIP_ROWS] = luma.round().numpy().astype(np.uint16)
+        else:
+            out[top : top + STRIP_ROWS] = (strip.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return out
+
+
 def to_pil(rgb: torch.Tensor, mode: str = "RGB", alpha: torch.Tensor | None = None) -> Image.Image:
     """``[3, H, W]`` in [0, 1] (+ optional ``[1, H, W]`` alpha) → a Pillow image in ``mode``."""
-    rgb = rgb.detach().float().clamp(0, 1).cpu()
     if mode == "I;16":
-        grey = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) * 65535
-        return Image.fromarray(grey.round().numpy().astype(np.uint16))  # uint16 → mode I;16
-    array = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    img = Image.fromarray(array, mode="RGB")
+        return Image.fromarray(_quantized(rgb, grey=True))  # uint16 → mode I;16
+    img = Image.fromarray(_quantized(rgb, grey=False), mode="RGB")
     if mode in ("L", "LA"):
         img = img.convert("L")
     if alpha is not None and mode in ("RGBA", "LA"):

@@ -65,7 +65,8 @@ class TileWork:
 
 @dataclass
 class JobCanvas:
-    """Accumulates the blended SR tiles of one job; ``result()`` once ``done``."""
+    """Accumulates the blended SR tiles of one job; ``result()`` once ``done`` (only once: it is
+    made in place in the canvas's own buffer)."""
 
     job: UpscaleJob
     grid: TileGrid
@@ -76,14 +77,13 @@ class JobCanvas:
     def __post_init__(self) -> None:
         self.remaining = len(self.grid)
         self._sum: torch.Tensor | None = None  # allocated on the first tile (multi-tile grids)
-        self._weight: torch.Tensor | None = None
         self._single: torch.Tensor | None = None  # a one-tile grid needs no blending buffers
 
     @staticmethod
     def nbytes(grid: TileGrid, scale: int, alphas: int) -> int:
-        """Float32 bytes of the blending buffers for ``grid``."""
+        """Float32 bytes of the blending buffer for ``grid``."""
         ph, pw = grid.padded
-        return (alphas * 3 + 1) * ph * scale * pw * scale * 4
+        return alphas * 3 * ph * scale * pw * scale * 4
 
     def works(self) -> Iterator[TileWork]:
         image = self.job.image
@@ -103,16 +103,13 @@ class JobCanvas:
         if len(self.grid) == 1:
             self._single = output
             return
-        if self._sum is None or self._weight is None:  # both are allocated together
+        if self._sum is None:
             ph, pw = self.grid.padded
             s, a = self.scale, len(self.job.alphas)
             self._sum = torch.zeros(a, 3, ph * s, pw * s, device=self.device)
-            self._weight = torch.zeros(1, ph * s, pw * s, device=self.device)
         s, (y, x) = self.scale, work.box
         rows, cols = slice(y * s, (y + self.grid.tile_h) * s), slice(x * s, (x + self.grid.tile_w) * s)
-        w = self.grid.weight(y, x, s).to(self.device)
-        self._sum[:, :, rows, cols] += output * w
-        self._weight[:, rows, cols] += w
+        self._sum[:, :, rows, cols] += output * self.grid.weight(y, x, s).to(self.device)
 
     @property
     def done(self) -> bool:
@@ -125,8 +122,12 @@ class JobCanvas:
         h, w = self.grid.height * self.scale, self.grid.width * self.scale
         if self._single is not None:
             return self._single[..., :h, :w].clamp(0, 1)
-        assert self._sum is not None and self._weight is not None  # a multi-tile grid, every tile added
-        return (self._sum[..., :h, :w] / self._weight[:, :h, :w].clamp_min(1e-8)).clamp_(0, 1)
+        if self._sum is None:
+            raise RuntimeError("the result was already taken")
+        # The weights sum to one, so the sum is the result; clamped in place (a second
+        # whole-image float buffer would double the canvas's peak memory).
+        out, self._sum = self._sum[..., :h, :w].clamp_(0, 1), None
+        return out
 
 
 class TileRunner:

@@ -2,10 +2,13 @@
 
 Every tile of a grid has the same size, so tiles of *different images* can share one batch.
 Along an edge shared with a neighbour, a tile's weight is zero for the first ``margin`` LR pixels
-(where its output is contaminated by the missing context), then ramps linearly to one across the
-rest of the overlap. Two neighbours' ramps sum to one, so blending is seamless, and as long as
-the margin covers the model's receptive field a tiled result equals the whole-image result.
-Image borders get no ramp: there the whole image has no context either.
+(where its output is contaminated by the missing context), then ramps linearly up across the rest
+of the overlap. Image borders get no ramp: there the whole image has no context either. The
+weights are normalised so that all tiles' weights sum to one at every pixel (also where the last
+tile, pushed back to fit, overlaps its neighbour by more than ``overlap``): blending is then a
+plain weighted sum, seamless, with no whole-image buffer of weights, and as long as the margin
+covers the model's receptive field a tiled result equals the whole-image result. The ramps are
+separable, so the normalisation is one sum per axis.
 """
 
 from __future__ import annotations
@@ -76,12 +79,28 @@ class TileGrid:
         return len(self.ys) * len(self.xs)
 
     def weight(self, y: int, x: int, scale: int) -> torch.Tensor:
-        """``[1, tile_h*scale, tile_w*scale]`` blend weight of the tile at LR ``(y, x)``."""
-        ph, pw = self.padded
-        return _weight_2d(
-            self.tile_h, self.tile_w, self.overlap, scale,
-            (y > 0, y + self.tile_h < ph, x > 0, x + self.tile_w < pw),
-        )  # fmt: skip
+        """``[1, tile_h*scale, tile_w*scale]`` blend weight of the tile at LR ``(y, x)``; the
+        weights of all tiles sum to one at every SR pixel of the padded canvas."""
+        return _tile_weight(self, y, x, scale)
+
+
+@lru_cache(maxsize=64)
+def _tile_weight(grid: TileGrid, y: int, x: int, scale: int) -> torch.Tensor:
+    ph, pw = grid.padded
+    wy = _axis_weights(grid.ys, grid.tile_h, ph, grid.overlap, scale)[grid.ys.index(y)]
+    wx = _axis_weights(grid.xs, grid.tile_w, pw, grid.overlap, scale)[grid.xs.index(x)]
+    return (wy[:, None] * wx[None, :])[None]
+
+
+@lru_cache(maxsize=64)
+def _axis_weights(starts: tuple[int, ...], tile: int, length: int, overlap: int, scale: int) -> list[torch.Tensor]:
+    """Each tile's ramp along one axis, divided by the sum of all tiles' ramps there."""
+    ramps = [_ramp(tile, overlap, scale, start > 0, start + tile < length) for start in starts]
+    total = torch.zeros(length * scale)
+    for start, ramp in zip(starts, ramps, strict=True):
+        total[start * scale : (start + tile) * scale] += ramp
+    total.clamp_min_(1e-8)
+    return [ramp / total[start * scale : (start + tile) * scale] for start, ramp in zip(starts, ramps, strict=True)]
 
 
 def _ramp(length: int, overlap: int, scale: int, start_inner: bool, end_inner: bool) -> torch.Tensor:
@@ -94,10 +113,3 @@ def _ramp(length: int, overlap: int, scale: int, start_inner: bool, end_inner: b
     if overlap and end_inner:
         w = w * ((length * scale - pos - margin * scale) / width).clamp(0, 1)
     return w
-
-
-@lru_cache(maxsize=64)
-def _weight_2d(th: int, tw: int, overlap: int, scale: int, inner: tuple[bool, bool, bool, bool]) -> torch.Tensor:
-    wy = _ramp(th, overlap, scale, inner[0], inner[1])
-    wx = _ramp(tw, overlap, scale, inner[2], inner[3])
-    return (wy[:, None] * wx[None, :])[None]

@@ -257,6 +257,17 @@ def test_upscale_alpha_and_to_pil() -> None:
     np.testing.assert_array_equal(np.asarray(img), expected)
 
 
+def test_to_pil_converts_in_strips_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large results are quantised a few rows at a time; strips meet without a seam (8- and 16-bit)."""
+    monkeypatch.setattr("models.imaging.STRIP_ROWS", 4)
+    rgb = torch.rand(3, 11, 6, dtype=torch.float64) * 1.2 - 0.1
+    expected = (rgb.float().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(np.asarray(to_pil(rgb)), expected)
+    c = rgb.float().clamp(0, 1)
+    grey = ((0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]) * 65535).round().numpy().astype(np.uint16)
+    np.testing.assert_array_equal(np.asarray(to_pil(rgb, "I;16")), grey)
+
+
 def test_list_images(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()

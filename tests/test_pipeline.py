@@ -57,6 +57,8 @@ def test_grid_covers_every_pixel(height: int, width: int, tile: int, overlap: in
     count, weight = _coverage(grid, scale=4)
     assert bool((count >= 1).all()), "every LR pixel lies in some tile"
     assert bool((weight > 0).all()), "every SR pixel gets a positive blend weight"
+    # the weights are a partition of unity everywhere (also where the last tile was pushed back)
+    torch.testing.assert_close(weight, torch.ones_like(weight), atol=1e-5, rtol=0)
     # neighbouring tiles overlap by at least the requested amount
     for starts, size in ((grid.ys, grid.tile_h), (grid.xs, grid.tile_w)):
         for a, b in itertools.pairwise(starts):
@@ -195,6 +197,10 @@ def test_canvas_refuses_partial_result(runner: TileRunner) -> None:
         canvas.add(work, out)
     assert not canvas.done
     with pytest.raises(RuntimeError, match="1 tile"):
+        canvas.result()
+    canvas.add(works[-1], runner.run(works[-1:])[0])
+    assert canvas.result().shape == (1, 3, 53 * 4, 70 * 4)
+    with pytest.raises(RuntimeError, match="already taken"):  # made in place, so there is only one
         canvas.result()
 
 
