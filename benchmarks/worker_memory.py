@@ -1,6 +1,7 @@
 """Peak worker memory for one job by output size: does a 4096² result cost what a 1024² one does?
 
-Each size runs in a fresh process (peak RSS is per process): the real worker path
+Each size (and glibc mmap threshold: `CTSR_MALLOC_MMAP_THRESHOLD_MB`, 0 = glibc's adaptive default)
+runs in a fresh process (peak RSS is per process): the real worker path
 (``BatchEngine`` + ``process_jobs``: decode, tiled forward passes, colour fix, PNG encode, store
 to a file blob store), one alpha, after a warm-up pass at the serving tile. Reported: resident
 memory after the warm-up, the process's peak, and the encoded result's size. Prints a table and
@@ -32,7 +33,7 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def child(model: str, side: int, photo: Path) -> dict[str, float]:
+def child(model: str, side: int, photo: Path, mmap_mb: int) -> dict[str, float]:
     import torch
     from PIL import Image
 
@@ -43,7 +44,7 @@ def child(model: str, side: int, photo: Path) -> dict[str, float]:
     from worker.process import process_jobs
 
     torch.set_num_threads(2)
-    engine = BatchEngine(Settings(model=model))
+    engine = BatchEngine(Settings(model=model, malloc_mmap_threshold_mb=mmap_mb))
     engine.warmup()
     warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     buf = io.BytesIO()
@@ -69,26 +70,35 @@ def main() -> None:
     parser.add_argument("--model", default="compact")
     parser.add_argument("--sides", type=int, nargs="+", default=[256, 1024], help="input sides (output = 4x)")
     parser.add_argument("--photo", type=Path, default=PHOTO)
+    parser.add_argument(
+        "--mmap-mb",
+        type=int,
+        nargs="+",
+        default=[0, 4],
+        help="CTSR_MALLOC_MMAP_THRESHOLD_MB values to compare (0: glibc's adaptive default)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.child, args.photo)))
+        print(json.dumps(child(args.model, args.child, args.photo, args.mmap_mb[0])))
         return
     rows = []
-    for side in args.sides:
-        cmd = [sys.executable, __file__, "--model", args.model, "--photo", str(args.photo), "--child", str(side)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    base = rows[0]
-    print(f"model {args.model}, one alpha, PNG")
-    print(f"{'output':>10} {'warm MB':>8} {'peak MB':>8} {'encoded MB':>10} {'s':>6} {'peak ratio':>10}")
+    for mmap_mb in args.mmap_mb:
+        for side in args.sides:
+            cmd = [sys.executable, __file__, "--model", args.model, "--photo", str(args.photo),
+                   "--mmap-mb", str(mmap_mb), "--child", str(side)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append({"mmap_threshold_mb": mmap_mb, **json.loads(out.strip().splitlines()[-1])})
+    print(f"model {args.model}, one alpha, PNG; peak ratio against the smallest output at the same threshold")
+    print(f"{'mmap MB':>7} {'output':>8} {'warm MB':>8} {'peak MB':>8} {'encoded MB':>10} {'s':>6} {'peak ratio':>10}")
     for r in rows:
+        base = next(b for b in rows if b["mmap_threshold_mb"] == r["mmap_threshold_mb"])
         r["peak_ratio"] = round(r["peak_mb"] / base["peak_mb"], 3)
         r["peak_ratio_less_encoded"] = round((r["peak_mb"] - r["encoded_mb"]) / base["peak_mb"], 3)
         side = f"{r['output']}²"
-        print(f"{side:>10} {r['warm_mb']:8.0f} {r['peak_mb']:8.0f} {r['encoded_mb']:10.1f} {r['seconds']:6.1f} "
-              f"{r['peak_ratio']:10.2f}")  # fmt: skip
+        print(f"{r['mmap_threshold_mb']:7} {side:>8} {r['warm_mb']:8.0f} {r['peak_mb']:8.0f} {r['encoded_mb']:10.1f} "
+              f"{r['seconds']:6.1f} {r['peak_ratio']:10.2f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
 

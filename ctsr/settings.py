@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     #: idle service goes at once).
     max_batch_wait_ms: int = Field(20, ge=0)
     max_jobs_per_pull: int = Field(16, ge=1)
+    #: glibc: allocations from this size up are mmapped, so freed memory goes back to the system
+    #: and the heap does not grow job by job (``worker/memory.py``). 0: glibc's adaptive default.
+    malloc_mmap_threshold_mb: int = Field(4, ge=0, le=512)
     #: Each worker's own /metrics. Loopback by default like the gateway (the images set 0.0.0.0);
     #: not 9100, which node_exporter holds on most hosts. 0: no metrics server.
     worker_metrics_host: str = "127.0.0.1"

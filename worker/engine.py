@@ -23,6 +23,8 @@ from models.imaging import LoadedImage, load_image
 from models.pipeline import TileRunner, UpscaleJob, Upscaler, finish_images
 from models.presets import resolve_model
 
+from .memory import fix_mmap_threshold
+
 
 class EncodeError(CTSRError):
     """The result cannot be written in the requested format (a retry would fail the same way)."""
@@ -38,6 +40,7 @@ class EncodedOutputs:
 class BatchEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        fix_mmap_threshold(settings.malloc_mmap_threshold_mb)
         student = load_student(resolve_model(settings.model))
         if student.scale != settings.scale:
             raise CTSRError(
