@@ -81,10 +81,10 @@ class TileGrid:
     def weight(self, y: int, x: int, scale: int) -> torch.Tensor:
         """``[1, tile_h*scale, tile_w*scale]`` blend weight of the tile at LR ``(y, x)``; the
         weights of all tiles sum to one at every SR pixel of the padded canvas."""
+        # Not cached: one per tile position would hold megabytes each; the 1D factors are cached.
         return _tile_weight(self, y, x, scale)
 
 
-@lru_cache(maxsize=64)
 def _tile_weight(grid: TileGrid, y: int, x: int, scale: int) -> torch.Tensor:
     ph, pw = grid.padded
     wy = _axis_weights(grid.ys, grid.tile_h, ph, grid.overlap, scale)[grid.ys.index(y)]
