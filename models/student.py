@@ -146,10 +146,11 @@ class CTSRStudent(nn.Module, ABC):
         raise ConfigError(f"{self.family} cannot start its velocity from a teacher; unset velocity_init")
 
     @abstractmethod
-    def trainable_parameters(self, stage: str, decoder: bool = False) -> list[nn.Parameter]:
+    def trainable_parameters(self, stage: str, decoder: bool = False, encoder: bool = False) -> list[nn.Parameter]:
         """What a training stage updates: ``stage1`` the one-step student, ``stage2`` the velocity.
 
-        ``decoder=True`` lets stage 2 also adapt the decoder (families that allow it).
+        ``decoder=True`` / ``encoder=True`` let stage 2 also adapt the decoder / the encoder
+        (families that allow it; the others raise :class:`ConfigError`).
         """
 
     # -- checkpoint contract (implemented per family, used by models.checkpoint) ----------------

@@ -222,6 +222,28 @@ def test_stage1_then_stage2_learn_and_keep_alpha0(
     assert records["trained_stage2_2"]["steps"] == 2
 
 
+def test_stage2_can_adapt_the_encoder_too(
+    pairs: PairSet, fidelity_teacher: Path, small_preset: str, tmp_path: Path
+) -> None:
+    """``train_encoder``: stage 2 trains the encoder and body as well, so z0 is not cached."""
+    from models import build_student, load_student
+    from models.presets import load_preset
+
+    init = build_student(load_preset(small_preset)).save_pretrained(tmp_path / "init")
+    config = _config(pairs, tmp_path / "s2", stage="stage2", init=str(init), steps=4, lr=2e-3,
+                     fidelity_teacher=str(fidelity_teacher), loss={"fidelity": 1.0}, train_encoder=True)  # fmt: skip
+    before, after = load_student(init).state_dict(), load_student(train(config, progress=False)).state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"encoder", "body", "velocity_net"}  # the decoder stays frozen (train_decoder off)
+    from models.training.stages import build_stage
+
+    assert build_stage(config).input_cache() == []
+    with pytest.raises(ConfigError, match="stage2 option"):
+        _config(pairs, tmp_path / "s1", stage="stage1", init=small_preset, train_encoder=True)
+    with pytest.raises(ConfigError, match="stays frozen"):
+        build_student(load_preset("rrdb-tiny")).trainable_parameters("stage2", encoder=True)
+
+
 @contextlib.contextmanager
 def _crash_at_batch(n: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Within the block, the trainer's ``n``-th batch raises KeyboardInterrupt (a killed run)."""

@@ -78,10 +78,14 @@ class CompactStudent(CTSRStudent):
         x: torch.Tensor = self.decoder(z)
         return (x + 1) / 2
 
-    def trainable_parameters(self, stage: str, decoder: bool = False) -> list[nn.Parameter]:
+    def trainable_parameters(self, stage: str, decoder: bool = False, encoder: bool = False) -> list[nn.Parameter]:
         modules = {
             "stage1": [self.encoder, self.body, self.decoder],
-            "stage2": [self.velocity_net, *([self.decoder] if decoder else [])],
+            "stage2": [
+                *([self.encoder, self.body] if encoder else []),
+                self.velocity_net,
+                *([self.decoder] if decoder else []),
+            ],
         }
         if stage not in modules:
             raise ConfigError(f"compact: unknown training stage {stage!r}")

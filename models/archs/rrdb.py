@@ -205,7 +205,9 @@ class RRDBStudent(CTSRStudent):
             branch.conv_body.load_state_dict(teacher.conv_body.state_dict())
             branch.gain.fill_(1.0)
 
-    def trainable_parameters(self, stage: str, decoder: bool = False) -> list[nn.Parameter]:
+    def trainable_parameters(self, stage: str, decoder: bool = False, encoder: bool = False) -> list[nn.Parameter]:
+        if encoder:
+            raise ConfigError("rrdb: the prior's trunk (the encoder) stays frozen; unset train_encoder")
         if self.merged:
             raise ConfigError("rrdb: adapters were merged for inference; load the checkpoint again to train")
         if stage == "stage1":

@@ -285,7 +285,11 @@ class SD21Student(CTSRStudent):
         finally:
             self.vae.enable_adapters()
 
-    def trainable_parameters(self, stage: str, decoder: bool = False) -> list[torch.nn.Parameter]:
+    def trainable_parameters(
+        self, stage: str, decoder: bool = False, encoder: bool = False
+    ) -> list[torch.nn.Parameter]:
+        if encoder:
+            raise ConfigError("sd21: the VAE encoder and the one-step UNet stay frozen in stage 2")
         if self.unet_velocity is not None:
             raise ConfigError("sd21: adapters were fused for inference; train an unfused student")
         if decoder:

@@ -65,6 +65,9 @@ class TrainConfig:
     teacher_options: dict[str, Any] = field(default_factory=dict)  # fidelity_teacher: RRDBNet options
     loss: LossWeights = field(default_factory=LossWeights)
     train_decoder: bool = False  # stage2: adapt the decoder too (compact)
+    #: stage2: adapt the encoder as well (compact), so the alpha = 1 path gets the whole network's
+    #: depth; z0 then changes during training and is not cached.
+    train_encoder: bool = False
     #: stage2: "fidelity_teacher" starts the velocity from the fidelity teacher's own blocks
     #: (rrdb with arch.velocity "branch"); null: from the model's own initialisation.
     velocity_init: str | None = None
@@ -108,6 +111,8 @@ class TrainConfig:
             raise ConfigError(f"{self.stage} needs 'init' (a preset or checkpoint to start from)")
         if self.stage == "stage2" and not self.fidelity_teacher:
             raise ConfigError("stage2 needs 'fidelity_teacher' (the velocity points at its outputs)")
+        if self.train_encoder and self.stage != "stage2":
+            raise ConfigError("train_encoder is a stage2 option (stage 1 trains the encoder anyway)")
         if self.velocity_init not in (None, "fidelity_teacher"):
             raise ConfigError(f"velocity_init must be 'fidelity_teacher' or null, not {self.velocity_init!r}")
         if self.stage == "stage1" and self.loss.fidelity and not self.fidelity_teacher:

@@ -126,7 +126,8 @@ class _StudentStage(Stage):
         self.fake: torch.Tensor | None = None  # the last generated batch, for the critic's step
 
     def parameters(self) -> list[nn.Parameter]:
-        return self.student.trainable_parameters(self.stage_name, decoder=self.config.train_decoder)
+        c = self.config
+        return self.student.trainable_parameters(self.stage_name, decoder=c.train_decoder, encoder=c.train_encoder)
 
     def save(self, folder: Path, provenance: dict[str, Any]) -> Path:
         return self.student.save_pretrained(folder, provenance)
@@ -250,7 +251,7 @@ class VelocityStage(_StudentStage):
             student.warm_start_velocity(teacher_network(load_teacher(config.fidelity_teacher)))
 
     def input_cache(self) -> list[CacheLevel]:
-        if not self.student.cacheable_latent:
+        if not self.student.cacheable_latent or self.config.train_encoder:
             return []
         key = f"{self.student.family}-z0-{self._digest(('stage2',))}"
         prefix = self._encoder_prefix()
@@ -268,7 +269,7 @@ class VelocityStage(_StudentStage):
         if "in_z0" in batch:
             z0 = batch["in_z0"]
         else:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.config.train_encoder):
                 z0 = self.student.encode(batch["lr"])
         alpha = self.sample_alphas(z0.shape[0]).to(z0.device)
         v = self.student.velocity(z0)
