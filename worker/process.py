@@ -20,7 +20,7 @@ from ctsr.contract import OUTPUT_FORMATS, JobPayload, JobResult, input_key, outp
 from models.errors import CTSRError
 from models.imaging import LoadedImage
 
-from .engine import BatchEngine
+from .engine import BatchEngine, EncodedOutputs
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,16 @@ def process_jobs(
             outcomes[index] = exc
 
     results = _run_isolated(engine, [(p, img) for _, p, img in runnable], on_batch)
-    for (index, payload, image), sr in zip(runnable, results, strict=True):
+    done = [(job, sr) for job, sr in zip(runnable, results, strict=True) if not isinstance(sr, BaseException)]
+    for (index, *_), sr in zip(runnable, results, strict=True):
+        if isinstance(sr, BaseException):
+            outcomes[index] = sr
+    encoded = engine.encode([(payload, image, sr) for (_, payload, image), sr in done])
+    for ((index, payload, _), _), result in zip(done, encoded, strict=True):
         try:
-            if isinstance(sr, BaseException):
-                raise sr
-            outcomes[index] = _store_outputs(engine, store, payload, image, sr, ttl_s)
+            if isinstance(result, BaseException):
+                raise result
+            outcomes[index] = _store_outputs(store, payload, result, ttl_s)
         except BaseTimeoutException:
             raise
         except Exception as exc:
@@ -99,10 +104,7 @@ def _run_isolated(
     return results
 
 
-def _store_outputs(
-    engine: BatchEngine, store: BlobStore, payload: JobPayload, image: LoadedImage, sr: Any, ttl_s: int
-) -> dict[str, Any]:
-    encoded = engine.encode(payload, image, sr)
+def _store_outputs(store: BlobStore, payload: JobPayload, encoded: EncodedOutputs, ttl_s: int) -> dict[str, Any]:
     outputs = {}
     try:
         for label, data in encoded.images.items():
