@@ -233,9 +233,20 @@ class Upscaler:
             device = self.runner.device if small else torch.device("cpu")
         return JobCanvas(job, grid, self.runner.scale, device)
 
-    def run(self, jobs: Sequence[UpscaleJob], progress: Callable[[int], object] | None = None) -> list[torch.Tensor]:
-        """One ``[A, 3, H*s, W*s]`` CPU tensor per job; tiles of all jobs share batches."""
+    def run(
+        self,
+        jobs: Sequence[UpscaleJob],
+        progress: Callable[[int], object] | None = None,
+        on_result: Callable[[int, torch.Tensor], object] | None = None,
+    ) -> list[torch.Tensor]:
+        """One ``[A, 3, H*s, W*s]`` CPU tensor per job; tiles of all jobs share batches.
+
+        ``progress(tiles)`` follows every forward pass; ``on_result(index, tensor)`` gets each
+        job's result as soon as its last tile is in, while later batches still run (a worker
+        encodes it meanwhile), with one device synchronisation per forward pass at most."""
         canvases = [self.canvas(job) for job in jobs]
+        results: list[torch.Tensor | None] = [None] * len(jobs)
+        position = {id(c): i for i, c in enumerate(canvases)}
         pending: dict[tuple[int, ...], list[TileWork]] = {}  # tiles by shape: each batch has one
 
         def flush(key: tuple[int, ...]) -> None:
@@ -244,6 +255,11 @@ class Upscaler:
                 work.canvas.add(work, out)
             if progress:
                 progress(len(works))
+            if on_result:
+                done = sorted({position[id(w.canvas)] for w in works if w.canvas.done})
+                for i, tensor in zip(done, _to_host([canvases[i].result() for i in done]), strict=True):
+                    results[i] = tensor
+                    on_result(i, tensor)
 
         for canvas in canvases:
             for work in canvas.works():
@@ -253,7 +269,10 @@ class Upscaler:
                     flush(key)
         for key in list(pending):
             flush(key)
-        return _to_host([c.result() for c in canvases])
+        rest = [i for i, r in enumerate(results) if r is None]
+        for i, tensor in zip(rest, _to_host([canvases[i].result() for i in rest]), strict=True):
+            results[i] = tensor
+        return [r for r in results if r is not None]
 
     def upscale_image(
         self, image: LoadedImage, alphas: Sequence[float] = (DEFAULT_ALPHA,), color_fix: str = DEFAULT_COLOR_FIX

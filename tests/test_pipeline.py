@@ -162,6 +162,19 @@ def test_tiles_of_different_images_share_batches(runner: TileRunner, monkeypatch
     assert float((together[2][0] - together[2][1]).abs().max()) > 1e-2
 
 
+def test_each_result_is_handed_over_once_its_last_tile_is_in(runner: TileRunner) -> None:
+    """``on_result``: a one-tile job's result comes after the first forward pass, while the
+    six-tile job's batches still run; every job once, equal to what ``run`` returns."""
+    jobs = [UpscaleJob(photo_crop(5, 30, 36, 36), (0.5,), "none"), UpscaleJob(photo_tensor(70, 53), (0.0, 1.0), "none")]
+    events: list[tuple[str, int]] = []
+    results = Upscaler(runner, tile=36, overlap=16, max_batch=2).run(
+        jobs, progress=lambda n: events.append(("pass", n)), on_result=lambda i, t: events.append(("result", i))
+    )
+    assert events == [("pass", 2), ("result", 0), ("pass", 2), ("pass", 2), ("pass", 1), ("result", 1)]
+    alone = Upscaler(runner, tile=36, overlap=16, max_batch=2).run(jobs)
+    assert all(torch.equal(a, b) for a, b in zip(alone, results, strict=True))
+
+
 def test_image_smaller_than_tile(runner: TileRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     """No padding to a whole tile: the model sees (and is charged for) the image itself, and the
     result equals whole-image inference everywhere, borders included (what `ctsr eval` measures)."""

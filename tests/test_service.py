@@ -620,7 +620,7 @@ def test_cancel_a_running_job(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> 
     job_id = stack.accepted(data, alphas=(0.0, 1.0))
     run = stack.engine.run
 
-    def paced_run(jobs: Any, on_batch: Any = None) -> Any:
+    def paced_run(jobs: Any, on_batch: Any = None, **kwargs: Any) -> Any:
         """Forward passes at least 20 ms apart, as a real model's are: on a loaded CI machine the
         tiny test model could otherwise finish all ~80 before the cancel request is served."""
 
@@ -629,7 +629,7 @@ def test_cancel_a_running_job(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> 
             if on_batch:
                 on_batch(tiles)
 
-        return run(jobs, on_batch=paced)
+        return run(jobs, on_batch=paced, **kwargs)
 
     monkeypatch.setattr(stack.engine, "run", paced_run)
     replies: list[httpx.Response] = []

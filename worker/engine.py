@@ -41,6 +41,29 @@ class EncodedOutputs:
     height: int
 
 
+@dataclass
+class Encoding:
+    """A job's images being encoded on the engine's threads."""
+
+    payload: JobPayload
+    futures: list[Future[bytes]]
+    width: int
+    height: int
+
+    def result(self) -> EncodedOutputs | EncodeError:
+        """Wait for every alpha; an alpha its format cannot hold fails the job (other errors raise)."""
+        try:
+            images = {alpha_label(a): f.result() for a, f in zip(self.payload.alphas, self.futures, strict=True)}
+        except EncodeError as exc:
+            self.cancel()  # the job has failed; its other alphas need not be encoded
+            return exc
+        return EncodedOutputs(images, self.width, self.height)
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()
+
+
 #: A job whose forward passes are done: its payload, decoded input and SR tensors ``[A, 3, H, W]``.
 FinishedJob = tuple[JobPayload, LoadedImage, torch.Tensor]
 
@@ -73,9 +96,13 @@ class BatchEngine:
         return load_image(data, max_pixels=self.settings.max_pixels)
 
     def run(
-        self, jobs: Sequence[tuple[JobPayload, LoadedImage]], on_batch: Callable[[int], None] | None = None
+        self,
+        jobs: Sequence[tuple[JobPayload, LoadedImage]],
+        on_batch: Callable[[int], None] | None = None,
+        on_result: Callable[[int, torch.Tensor], object] | None = None,
     ) -> list[torch.Tensor]:
-        """SR tensors ``[A, 3, H*s, W*s]`` per job; tiles of all jobs share forward passes."""
+        """SR tensors ``[A, 3, H*s, W*s]`` per job; tiles of all jobs share forward passes.
+        ``on_result(index, sr)`` gets each job's as soon as its last tile is done."""
 
         def progress(tiles: int) -> None:
             self.forward_passes += 1
@@ -83,26 +110,18 @@ class BatchEngine:
                 on_batch(tiles)
 
         work = [UpscaleJob(image.rgb, payload.alphas, payload.color_fix) for payload, image in jobs]
-        return self.upscaler.run(work, progress=progress)
+        return self.upscaler.run(work, progress=progress, on_result=on_result)
+
+    def start_encoding(self, payload: JobPayload, image: LoadedImage, sr: torch.Tensor) -> Encoding:
+        """Hand a job's SR tensors ``[A, 3, H, W]`` to the encoder threads, every alpha at once."""
+        alpha = output_alpha(image, sr)
+        futures = [self.encoders.submit(_encode_one, rgb, image.mode, alpha, payload) for rgb in sr]
+        return Encoding(payload, futures, width=sr.shape[-1], height=sr.shape[-2])
 
     def encode(self, jobs: Sequence[FinishedJob]) -> list[EncodedOutputs | EncodeError]:
-        """Each job's SR tensors ``[A, 3, H, W]`` → its encoded images, or the error that stopped
-        them (one outcome per job). All alphas of all jobs are encoded concurrently; only as many
-        8-bit images as there are threads exist at once."""
-        pending: list[list[Future[bytes]]] = []
-        for payload, image, sr in jobs:
-            alpha = output_alpha(image, sr)
-            pending.append([self.encoders.submit(_encode_one, rgb, image.mode, alpha, payload) for rgb in sr])
-        outcomes: list[EncodedOutputs | EncodeError] = []
-        for (payload, _, sr), futures in zip(jobs, pending, strict=True):
-            try:
-                images = {alpha_label(a): f.result() for a, f in zip(payload.alphas, futures, strict=True)}
-                outcomes.append(EncodedOutputs(images, width=sr.shape[-1], height=sr.shape[-2]))
-            except EncodeError as exc:
-                for f in futures:
-                    f.cancel()  # the job has failed; its other alphas need not be encoded
-                outcomes.append(exc)
-        return outcomes
+        """Each job's encoded images, or the error that stopped them (one outcome per job); all
+        jobs are encoded concurrently."""
+        return [encoding.result() for encoding in [self.start_encoding(*job) for job in jobs]]
 
     def warmup(self) -> float:
         """One real forward pass at the serving tile size (and its compile, if enabled)."""

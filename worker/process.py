@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from rq.timeouts import BaseTimeoutException
 
 from ctsr.blobs import BlobStore
@@ -20,7 +21,7 @@ from ctsr.contract import OUTPUT_FORMATS, JobPayload, JobResult, input_key, outp
 from models.errors import CTSRError
 from models.imaging import LoadedImage
 
-from .engine import BatchEngine, EncodedOutputs
+from .engine import BatchEngine, EncodedOutputs, Encoding
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,29 @@ def process_jobs(
         except Exception as exc:
             outcomes[index] = exc
 
-    results = _run_isolated(engine, [(p, img) for _, p, img in runnable], on_batch)
-    done = [(job, sr) for job, sr in zip(runnable, results, strict=True) if not isinstance(sr, BaseException)]
-    for (index, *_), sr in zip(runnable, results, strict=True):
-        if isinstance(sr, BaseException):
-            outcomes[index] = sr
-    encoded = engine.encode([(payload, image, sr) for (_, payload, image), sr in done])
-    for ((index, payload, _), _), result in zip(done, encoded, strict=True):
+    # Each job's encoding starts as soon as its last tile is done, while later batches still run.
+    jobs = [(payload, image) for _, payload, image in runnable]
+    encodings: dict[int, Encoding] = {}
+
+    def hand_over(position: int, sr: torch.Tensor) -> None:
+        encodings[position] = engine.start_encoding(*jobs[position], sr)
+
+    try:
+        results = _run_isolated(engine, jobs, on_batch, hand_over)
+    except BaseException:
+        _cancel(encodings)
+        raise
+    if len(encodings) < len(results):  # the batch was retried job by job: those runs are not handed over
+        _cancel(encodings)
+        encodings = {i: engine.start_encoding(*jobs[i], sr) for i, sr in enumerate(results) if torch.is_tensor(sr)}
+    for position, (index, payload, _) in enumerate(runnable):
         try:
-            if isinstance(result, BaseException):
-                raise result
-            outcomes[index] = _store_outputs(store, payload, result, ttl_s)
+            if isinstance(results[position], BaseException):
+                raise results[position]
+            encoded = encodings[position].result()
+            if isinstance(encoded, BaseException):
+                raise encoded
+            outcomes[index] = _store_outputs(store, payload, encoded, ttl_s)
         except BaseTimeoutException:
             raise
         except Exception as exc:
@@ -77,16 +90,23 @@ def process_jobs(
     return outcomes  # type: ignore[return-value]
 
 
+def _cancel(encodings: dict[int, Encoding]) -> None:
+    for encoding in encodings.values():
+        encoding.cancel()
+
+
 def _run_isolated(
     engine: BatchEngine,
     jobs: Sequence[tuple[JobPayload, LoadedImage]],
     on_batch: Callable[[int], None] | None,
+    on_result: Callable[[int, torch.Tensor], object],
 ) -> list[Any]:
-    """The shared forward passes; if they fail, each job again on its own (its own error or result)."""
+    """The shared forward passes (each result handed to ``on_result`` as it is done); if they
+    fail, each job again on its own (its own error or result; not handed over)."""
     if not jobs:
         return []
     try:
-        return list(engine.run(jobs, on_batch=on_batch))
+        return list(engine.run(jobs, on_batch=on_batch, on_result=on_result))
     except (BaseTimeoutException, BatchAbandoned):
         raise
     except Exception as exc:
