@@ -189,6 +189,7 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=int, default=20)
     p.add_argument("--model", help="checkpoint folder or bundled name (rrdb, compact); default: --preset")
     p.add_argument("--preset", default="compact-x4", help="a freshly initialised preset, when no --model")
+    p.add_argument("--bare-seconds", type=float, default=8.0, help="bare-model timing per batch size (median)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -236,10 +237,11 @@ def main() -> None:
 
     for row in rows:  # the bare model at the batch the worker actually formed, after the server is gone
         batch = max(1, round(row["mean_batch_tiles"]))
-        row["bare_img_s_at_batch"] = round(bare_rate(model, batch, args.side), 3)
-        row["service_over_bare"] = round(row["img_s"] / row["bare_img_s_at_batch"], 3)
+        bare = bare_rate(model, batch, args.side, args.bare_seconds)
+        row["bare_img_s_at_batch"] = round(bare, 3)
+        row["service_over_bare"] = round(row["img_s"] / bare, 3)
         if row["clients"] == 1:  # a lone request's cost beyond the model (HTTP, queue, notification)
-            row["overhead_p50_vs_bare_s"] = round(row["p50_s"] - 1 / bare_rate(model, 1, args.side), 4)
+            row["overhead_p50_vs_bare_s"] = round(row["p50_s"] - batch / bare, 4)
             row["overhead_p50_vs_worker_s"] = round(row["p50_s"] - row["worker_s_per_batch"], 4)
 
     port = free_port()

