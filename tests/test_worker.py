@@ -204,12 +204,12 @@ def test_payload_round_trip() -> None:
     assert set(OUTPUT_FORMATS) == {"png", "webp", "jpeg"}
 
 
-# -- engine.encode --------------------------------------------------------------------------------
+# -- engine.start_encoding --------------------------------------------------------------------------------
 def _run_one(engine: BatchEngine, data: bytes, alphas: list[float], fmt: str, quality: int = 90):
     payload = JobPayload(new_job_id(), alphas, fmt, quality)
     image = engine.decode(data)
     (sr,) = engine.run([(payload, image)])
-    (out,) = engine.encode([(payload, image, sr)])
+    out = engine.start_encoding(payload, image, sr).result()
     if isinstance(out, Exception):
         raise out
     return out
@@ -247,10 +247,10 @@ def test_encode_runs_on_the_encoder_threads_and_fails_jobs_alone(
     sweep = JobPayload(new_job_id(), [0.0, 0.5, 1.0], "png", width=10, height=8)
     too_wide = JobPayload(new_job_id(), [0.5], "webp", width=4100, height=2)
     single = JobPayload(new_job_id(), [1.0], "jpeg", width=10, height=8)
-    outcomes = engine.encode(
-        [(sweep, image, torch.rand(3, 3, 32, 40)), (too_wide, image, torch.rand(1, 3, 8, 16400)),
-         (single, image, torch.rand(1, 3, 32, 40))]
-    )  # fmt: skip
+    encodings = [engine.start_encoding(sweep, image, torch.rand(3, 3, 32, 40)),
+                 engine.start_encoding(too_wide, image, torch.rand(1, 3, 8, 16400)),
+                 engine.start_encoding(single, image, torch.rand(1, 3, 32, 40))]  # fmt: skip
+    outcomes = [encoding.result() for encoding in encodings]
     assert isinstance(outcomes[1], EncodeError) and "16400x8 result cannot be written as webp" in str(outcomes[1])
     for outcome, labels in ((outcomes[0], ["0", "0.5", "1"]), (outcomes[2], ["1"])):
         assert not isinstance(outcome, Exception) and list(outcome.images) == labels

@@ -65,10 +65,6 @@ class Encoding:
             f.cancel()
 
 
-#: A job whose forward passes are done: its payload, decoded input and SR tensors ``[A, 3, H, W]``.
-FinishedJob = tuple[JobPayload, LoadedImage, torch.Tensor]
-
-
 class BatchEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -126,11 +122,6 @@ class BatchEngine:
         alpha = output_alpha(image, sr)
         futures = [self.encoders.submit(_encode_one, rgb, image.mode, alpha, payload) for rgb in sr]
         return Encoding(payload, futures, width=sr.shape[-1], height=sr.shape[-2])
-
-    def encode(self, jobs: Sequence[FinishedJob]) -> list[EncodedOutputs | EncodeError]:
-        """Each job's encoded images, or the error that stopped them (one outcome per job); all
-        jobs are encoded concurrently."""
-        return [encoding.result() for encoding in [self.start_encoding(*job) for job in jobs]]
 
     def warmup(self) -> float:
         """One real forward pass at the serving tile size (and its compile, if enabled)."""
