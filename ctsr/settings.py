@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     #: Threads that turn a batch's results into PNG/WebP/JPEG, every alpha of every job at once
     #: (the encoders release the GIL). 0: one per CPU core, at most 8.
     encode_threads: int = Field(0, ge=0, le=64)
+    #: Store a batch's outputs and finish its jobs on a thread while the next batch runs. Unset: only
+    #: on an accelerator (on a CPU both would share the model's cores).
+    finish_in_background: bool | None = None
     #: glibc: allocations from this size up are mmapped, so freed memory goes back to the system
     #: and the heap does not grow job by job (``worker/memory.py``). 0: glibc's adaptive default.
     malloc_mmap_threshold_mb: int = Field(4, ge=0, le=512)

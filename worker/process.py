@@ -5,12 +5,17 @@ ran it. A job's fate depends on that job alone: every step after the shared forw
 (colour fix, encoding, storing) has a per-job outcome, and a failed shared forward pass is
 retried one job at a time before anyone is failed, so one poisoned input cannot take its
 batch-mates down or show them its error.
+
+Two steps, so that a worker on an accelerator can store one batch while the next one runs:
+``run_batch`` (inputs, forward passes, encodings started) and ``store_batch`` (encodings
+awaited, outputs stored); ``process_jobs`` is both in a row.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +50,31 @@ def process_jobs(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Outcome]:
     """One outcome per payload, in order: the job's result dict or the exception that ended it."""
-    outcomes: list[Outcome | None] = [None] * len(payloads)
+    return store_batch(store, run_batch(engine, store, payloads, on_batch), ttl_s)
+
+
+@dataclass
+class RanBatch:
+    """A batch after its shared forward passes: per job, what ended it or its encoding under way.
+    Storing it (``store_batch``) touches no model state, so a worker on an accelerator can do it
+    while the next batch runs."""
+
+    ends: list[BaseException | tuple[JobPayload, Encoding]]
+
+    def cancel(self) -> None:
+        for end in self.ends:
+            if isinstance(end, tuple):
+                end[1].cancel()
+
+
+def run_batch(
+    engine: BatchEngine,
+    store: BlobStore,
+    payloads: Sequence[dict[str, Any]],
+    on_batch: Callable[[int], None] | None = None,
+) -> RanBatch:
+    """Read and decode every input, run the shared forward passes, start every encoding."""
+    ends: list[BaseException | tuple[JobPayload, Encoding] | None] = [None] * len(payloads)
     runnable: list[tuple[int, JobPayload, LoadedImage]] = []
     for index, raw in enumerate(payloads):
         payload = JobPayload.from_dict(raw)
@@ -57,7 +86,7 @@ def process_jobs(
         except BaseTimeoutException:
             raise
         except Exception as exc:
-            outcomes[index] = exc
+            ends[index] = exc
 
     # On an accelerator each job's encoding starts as soon as its last tile is done, while later
     # batches still run; on a CPU (the same cores) once the forward passes are over.
@@ -76,19 +105,31 @@ def process_jobs(
         _cancel(encodings)
         encodings = {i: engine.start_encoding(*jobs[i], sr) for i, sr in enumerate(results) if torch.is_tensor(sr)}
     for position, (index, payload, _) in enumerate(runnable):
+        result = results[position]
+        ends[index] = result if isinstance(result, BaseException) else (payload, encodings[position])
+    assert all(end is not None for end in ends)
+    return RanBatch(ends)  # type: ignore[arg-type]
+
+
+def store_batch(store: BlobStore, ran: RanBatch, ttl_s: int) -> list[Outcome]:
+    """Wait for each job's encoding and store its outputs: one outcome per job, in order."""
+    outcomes: list[Outcome] = []
+    for end in ran.ends:
+        if isinstance(end, BaseException):
+            outcomes.append(end)
+            continue
+        payload, encoding = end
         try:
-            if isinstance(results[position], BaseException):
-                raise results[position]
-            encoded = encodings[position].result()
+            encoded = encoding.result()
             if isinstance(encoded, BaseException):
                 raise encoded
-            outcomes[index] = _store_outputs(store, payload, encoded, ttl_s)
+            outcomes.append(_store_outputs(store, payload, encoded, ttl_s))
         except BaseTimeoutException:
+            ran.cancel()
             raise
         except Exception as exc:
-            outcomes[index] = exc
-    assert all(o is not None for o in outcomes)
-    return outcomes  # type: ignore[return-value]
+            outcomes.append(exc)
+    return outcomes
 
 
 def _cancel(encodings: dict[int, Encoding]) -> None:

@@ -11,7 +11,8 @@ RQ internals: every call goes through ``worker/rq_adapter.py`` (checked against 
    (``dequeue_nowait``) until the group has ``max_batch`` tiles or ``max_batch_wait_ms`` has passed;
 2. ``start_execution`` for each (status *started*, started registry, heartbeats);
 3. run them together under the tightest job timeout (RQ's death penalty);
-4. ``finish_success`` / ``finish_failure`` for each (results, registries, retries).
+4. store the outputs, then ``finish_success`` / ``finish_failure`` for each (results, registries,
+   retries) — on an accelerator on the finisher thread, while the next batch runs.
 
 A worker killed mid-batch leaves its jobs in the started registry; their heartbeats expire
 after ``heartbeat_grace_s`` and RQ's registry maintenance (run by any other worker every
@@ -21,6 +22,7 @@ after ``heartbeat_grace_s`` and RQ's registry maintenance (run by any other work
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -49,7 +51,7 @@ from models.errors import CTSRError
 from . import rq_adapter as rqa
 from .engine import BatchEngine
 from .metrics import WorkerMetrics
-from .process import BatchAbandoned, process_jobs
+from .process import BatchAbandoned, Outcome, RanBatch, run_batch, store_batch
 from .rq_adapter import Execution
 
 OUTAGE_BACKOFF_MAX_S = 5.0  # longest wait between reconnection tries
@@ -76,6 +78,16 @@ class BatchWorker(SimpleWorker):
         self.engine, self.store, self.settings = engine, store, settings
         self.metrics = metrics or WorkerMetrics()
         self.ready = False
+        # Storing and finishing a batch while the next one runs: one batch at a time (memory).
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctsr-finish")
+        self.finishing_batch: Future[None] | None = None
+
+    @property
+    def finishes_in_background(self) -> bool:
+        """Store and finish a batch while the next one runs (``CTSR_FINISH_IN_BACKGROUND``; by
+        default only on an accelerator, for the reason of ``BatchEngine.encodes_during_forward``)."""
+        chosen = self.settings.finish_in_background
+        return self.engine.encodes_during_forward if chosen is None else chosen
 
     # -- heartbeats and readiness ------------------------------------------------------------
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -125,6 +137,7 @@ class BatchWorker(SimpleWorker):
                         self.run_maintenance_tasks()
                     pulled = self.pull(burst)
                     if not pulled:
+                        self.wait_finishing()  # idle: nothing to overlap the last batch's finish with
                         if burst:
                             break
                         continue
@@ -146,8 +159,18 @@ class BatchWorker(SimpleWorker):
             if not isinstance(exc, rqa.StopRequested):
                 self.log.exception("worker %s: stopping after an unexpected error", self.name)
         finally:
+            try:
+                self.wait_finishing()  # a batch finishing in the background ends before the worker
+            except Exception:  # Redis gone: those jobs stay started and are retried elsewhere
+                self.log.exception("worker %s: finishing the last batch failed", self.name)
             self.teardown()
         return done
+
+    def wait_finishing(self) -> None:
+        """Wait for the batch being finished in the background, if any (its errors raise here)."""
+        finishing, self.finishing_batch = self.finishing_batch, None
+        if finishing is not None:
+            finishing.result()
 
     def _rejoin(self) -> None:
         """After an outage: a promoted replica may not have this worker's registration (replication
@@ -238,11 +261,14 @@ class BatchWorker(SimpleWorker):
         timeout = min(rqa.job_timeout(self, job) for job, *_ in running)
         oom_before = self.engine.runner.oom_retries
         start = time.perf_counter()
+        ran: RanBatch | None = None
+        outcomes: list[Outcome] | None = None
+        background = self.finishes_in_background
         try:
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=running[0][0].id):
-                outcomes = process_jobs(
-                    self.engine, self.store, [j.args[0] for j, *_ in running], self.settings.result_ttl_s, on_batch
-                )
+                ran = run_batch(self.engine, self.store, [j.args[0] for j, *_ in running], on_batch)
+                if not background:
+                    outcomes = store_batch(self.store, ran, self.settings.result_ttl_s)
         except BatchAbandoned as exc:
             self.log.info("worker %s: %s; stopped it", self.name, exc)
             outcomes = [exc] * len(running)
@@ -254,6 +280,20 @@ class BatchWorker(SimpleWorker):
         if self.engine.device.type == "cuda":
             self.metrics.device_memory.set(torch.cuda.memory_allocated(self.engine.device))
 
+        self.wait_finishing()  # the previous batch's (it overlapped this batch's forward passes)
+        if outcomes is None:
+            assert ran is not None
+            self.finishing_batch = self.finisher.submit(self._store_and_finish, running, ran)
+        else:
+            self._finish(running, outcomes)
+        rqa.mark_idle(self)
+        return len(pulled)
+
+    def _store_and_finish(self, running: list[tuple[Job, Queue, Execution, JobPayload]], ran: RanBatch) -> None:
+        self._finish(running, store_batch(self.store, ran, self.settings.result_ttl_s))
+
+    def _finish(self, running: list[tuple[Job, Queue, Execution, JobPayload]], outcomes: list[Outcome]) -> None:
+        """Each job's outcome into RQ (results, registries, retries) and to whoever waits on it."""
         for (job, queue, execution, _), outcome in zip(running, outcomes, strict=True):
             if not self._still_owns(queue, execution):
                 # Cut off from Redis past the heartbeat grace: the job was declared abandoned and
@@ -270,8 +310,6 @@ class BatchWorker(SimpleWorker):
                 self.store.delete(input_key(job.id))  # finished: nothing will read it again
                 self.metrics.jobs.labels("finished").inc()
                 self._announce(job)
-        rqa.mark_idle(self)
-        return len(pulled)
 
     def _claim(self, job: Job) -> bool:
         """Claim a queued job before starting it, exclusively of a DELETE (``claim_key``): False
