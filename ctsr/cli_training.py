@@ -100,14 +100,16 @@ def cmd_data_pairs(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from models.training.config import TrainConfig
-    from models.training.trainer import train
+    from models.training.trainer import Trainer
 
     config = TrainConfig.load(
         args.config, pairs=args.pairs, output=args.output, init=args.init,
         fidelity_teacher=args.fidelity_teacher, steps=args.steps, device=args.device,
     )  # fmt: skip
-    final = train(config, resume=args.resume)
-    print(f"trained {config.stage} for {config.steps} steps; model in {final}")
+    trainer = Trainer(config)
+    final = trainer.train(resume=args.resume)
+    ended = "" if trainer.step >= config.steps else f" of {config.steps} (max_seconds reached)"
+    print(f"trained {config.stage} for {trainer.step} steps{ended} in {trainer.elapsed / 60:.1f} min; model in {final}")
     return 0
 
 

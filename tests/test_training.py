@@ -304,6 +304,21 @@ def test_training_on_two_pairs_folders_draws_from_both(pairs: PairSet, small_pre
         dataclasses.replace(config, pairs=[])
 
 
+def test_ctsr_train_says_when_the_time_budget_ended_it(
+    pairs: PairSet, small_preset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ctsr.cli import main
+
+    config = {"stage": "stage1", "pairs": str(pairs.folder), "output": str(tmp_path / "out"), "init": small_preset,
+              "device": "cpu", "crop": 6, "batch_size": 2, "steps": 1000, "max_seconds": 0.001,
+              "loss": {"reconstruction": 1.0}}  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert main(["train", str(tmp_path / "c.json")]) == 0
+    said = capsys.readouterr().out
+    assert "trained stage1 for 1 steps of 1000 (max_seconds reached)" in said, said
+    assert str(tmp_path / "out" / "final") in said
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(pairs: PairSet, small_preset: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(_config(pairs, tmp_path, stage="stage1", init=small_preset, loss={"reconstruction": 1.0}), resume=True)
