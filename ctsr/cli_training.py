@@ -40,6 +40,7 @@ def add_parsers(sub: Any, positive: Any, alpha: Any) -> None:
     train.add_argument("--init", help="override the config's starting point")
     train.add_argument("--fidelity-teacher", help="override the config's fidelity teacher folder")
     train.add_argument("--steps", type=positive, help="override the number of steps")
+    train.add_argument("--max-seconds", type=positive, help="override the wall-clock budget (seconds)")
     train.add_argument("--device", help="override the device (auto, cpu, cuda)")
     train.set_defaults(handler=cmd_train)
 
@@ -105,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.load(
         args.config, pairs=args.pairs, output=args.output, init=args.init,
         fidelity_teacher=args.fidelity_teacher, steps=args.steps, device=args.device,
+        max_seconds=args.max_seconds,
     )  # fmt: skip
     trainer = Trainer(config)
     final = trainer.train(resume=args.resume)
