@@ -89,19 +89,29 @@ async def drive(url: str, clients: int, seconds: float, body: bytes, wait: bool)
     return latencies, bad, elapsed
 
 
-def bare_rate(student_dir: Path, batch: int, side: int, seconds: float = 3.0) -> float:
+def bare_rate(
+    student_dir: Path, batch: int, side: int, seconds: float = 3.0, device: str = "cpu", dtype: str = "auto"
+) -> float:
     from models import load_student
 
-    runner = TileRunner(load_student(student_dir), "cpu")  # prepared as the worker prepares it
-    lr = torch.rand(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
-    alpha = torch.full((batch,), 0.5)  # what the load generator asks for (the API's default)
+    runner = TileRunner(load_student(student_dir), device, dtype)  # prepared as the worker prepares it
+    lr = torch.rand(batch, 3, side, side, device=runner.device, dtype=runner.dtype)
+    lr = lr.contiguous(memory_format=torch.channels_last)  # as the worker's runner lays it out
+    alpha = torch.full((batch,), 0.5, device=runner.device)  # what the load generator asks for (the API's default)
     s = runner.student
+
+    def sync() -> None:
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+
     with torch.inference_mode():
         s(lr, alpha)
+        sync()
         times, start = [], time.perf_counter()
         while time.perf_counter() - start < seconds or len(times) < 3:
             t0 = time.perf_counter()
             s(lr, alpha)
+            sync()
             times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)
 
@@ -123,6 +133,8 @@ def start(args: argparse.Namespace, model: Path, workers: bool, port: int, metri
         "CTSR_MAX_BATCH_WAIT_MS": str(args.batch_wait_ms),
         "CTSR_WORKER_METRICS_PORT": str(metrics_port),
         "CTSR_MAX_QUEUE_DEPTH": "1000000",
+        "CTSR_DEVICE": args.device,
+        "CTSR_DTYPE": args.dtype,
         "CTSR_STATE_DIR": tempfile.mkdtemp(prefix="ctsr-bench-"),  # a fresh, empty Redis per run
     }
     env.pop("CTSR_REDIS_URL", None)
@@ -190,6 +202,8 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint folder or bundled name (rrdb, compact); default: --preset")
     p.add_argument("--preset", default="compact-x4", help="a freshly initialised preset, when no --model")
     p.add_argument("--bare-seconds", type=float, default=8.0, help="bare-model timing per batch size (median)")
+    p.add_argument("--device", default="cpu", help="the worker's and the bare model's device (cpu, cuda)")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -237,7 +251,7 @@ def main() -> None:
 
     for row in rows:  # the bare model at the batch the worker actually formed, after the server is gone
         batch = max(1, round(row["mean_batch_tiles"]))
-        bare = bare_rate(model, batch, args.side, args.bare_seconds)
+        bare = bare_rate(model, batch, args.side, args.bare_seconds, args.device, args.dtype)
         row["bare_img_s_at_batch"] = round(bare, 3)
         row["service_over_bare"] = round(row["img_s"] / bare, 3)
         if row["clients"] == 1:  # a lone request's cost beyond the model (HTTP, queue, notification)
@@ -275,7 +289,8 @@ def main() -> None:
               f"{r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['mean_batch_tiles']:>6.2f}")  # fmt: skip
     if args.json:
         result = {"model": str(args.model or args.preset), "lr_side": args.side, "max_batch": args.max_batch,
-                  "torch": torch.__version__,
+                  "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
+                  "finish_in_background": os.environ.get("CTSR_FINISH_IN_BACKGROUND", "unset"),
                   "cpu_threads": torch.get_num_threads(), "rows": rows, "gateway_accept": accept}  # fmt: skip
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")

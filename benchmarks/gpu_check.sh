@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared run on a CUDA machine: the CUDA path end to end (checks), then the sd21 benchmark
-# (bench). Writes logs and JSON under $OUT (default ./bench-results).
-# Usage: bash benchmarks/gpu_check.sh [checks|bench|all]   (default all)
+# One prepared run on a CUDA machine: the CUDA path end to end (checks), the whole service against
+# the bare model (service), then the sd21 benchmark (bench). Writes logs and JSON under $OUT
+# (default ./bench-results).
+# Usage: bash benchmarks/gpu_check.sh [checks|service|bench|all]   (default all)
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-bench-results}
@@ -42,6 +43,17 @@ PY
   $py benchmarks/bench_model.py --family compact --device cuda --dtype fp16 --json "$OUT/compact_cuda.json"
 }
 
+service() {
+  echo "== the whole service (ctsr serve + load generator on this machine) vs the bare model, CUDA fp16 =="
+  echo "   (each twice: the batch finished on a thread while the next runs, the default here; then inline)"
+  for m in compact rrdb; do
+    $py benchmarks/bench_service.py --model $m --device cuda --dtype fp16 --side 128 --max-batch 16 \
+      --seconds 15 --json "$OUT/service_cuda_$m.json"
+    CTSR_FINISH_IN_BACKGROUND=false $py benchmarks/bench_service.py --model $m --device cuda --dtype fp16 \
+      --side 128 --max-batch 16 --seconds 15 --json "$OUT/service_cuda_${m}_inline.json"
+  done
+}
+
 bench() {
   echo "== sd21 (full SD-2.1-base shapes, random weights), fp16, 512^2 out =="
   $py benchmarks/bench_model.py --family sd21 --device cuda --dtype fp16 --json "$OUT/sd21_eager.json"
@@ -54,8 +66,9 @@ bench() {
   $py -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
   case $what in
     checks) checks ;;
+    service) service ;;
     bench) bench ;;
-    *) checks; bench ;;
+    *) checks; service; bench ;;
   esac
 } 2>&1 | tee "$OUT/gpu_check_$what.log"
 rm -rf "$work"
