@@ -242,7 +242,7 @@ def main() -> None:
                 "p50_s": round(statistics.median(latencies), 4),
                 "p99_s": round(q[98], 4),
                 "mean_batch_tiles": round(tiles / passes, 2) if passes else 0.0,
-                # the worker's own time per pulled group: decode, model, colour fix, encode, store
+                # the worker loop's time per pulled group: decode, model, colour fix (+ encode, store inline)
                 "worker_s_per_batch": round(infer / batches, 4) if batches else 0.0,
             })  # fmt: skip
             print(rows[-1], flush=True)

@@ -20,7 +20,11 @@ class WorkerMetrics:
         )
         self.tiles = Counter("ctsr_worker_tiles", "Tiles processed (rate = tiles/s)", registry=r)
         self.inference_seconds = Histogram(
-            "ctsr_worker_inference_seconds", "Model time per pulled batch of jobs", buckets=SECONDS, registry=r
+            "ctsr_worker_inference_seconds",
+            "Time per pulled batch of jobs on the worker's loop: inputs, forward passes, and encoding and "
+            "storing unless the batch is finished in the background (CTSR_FINISH_IN_BACKGROUND)",
+            buckets=SECONDS,
+            registry=r,
         )
         self.queue_wait_seconds = Histogram(
             "ctsr_worker_queue_wait_seconds", "Submission to start of work", buckets=SECONDS, registry=r
