@@ -59,12 +59,12 @@ class RanBatch:
     Storing it (``store_batch``) touches no model state, so a worker on an accelerator can do it
     while the next batch runs."""
 
-    ends: list[BaseException | tuple[JobPayload, Encoding]]
+    ends: list[BaseException | Encoding]
 
     def cancel(self) -> None:
         for end in self.ends:
-            if isinstance(end, tuple):
-                end[1].cancel()
+            if isinstance(end, Encoding):
+                end.cancel()
 
 
 def run_batch(
@@ -74,7 +74,7 @@ def run_batch(
     on_batch: Callable[[int], None] | None = None,
 ) -> RanBatch:
     """Read and decode every input, run the shared forward passes, start every encoding."""
-    ends: list[BaseException | tuple[JobPayload, Encoding] | None] = [None] * len(payloads)
+    ends: list[BaseException | Encoding | None] = [None] * len(payloads)
     runnable: list[tuple[int, JobPayload, LoadedImage]] = []
     for index, raw in enumerate(payloads):
         payload = JobPayload.from_dict(raw)
@@ -104,9 +104,9 @@ def run_batch(
     if len(encodings) < len(results):  # the batch was retried job by job: those runs are not handed over
         _cancel(encodings)
         encodings = {i: engine.start_encoding(*jobs[i], sr) for i, sr in enumerate(results) if torch.is_tensor(sr)}
-    for position, (index, payload, _) in enumerate(runnable):
+    for position, (index, _, _) in enumerate(runnable):
         result = results[position]
-        ends[index] = result if isinstance(result, BaseException) else (payload, encodings[position])
+        ends[index] = result if isinstance(result, BaseException) else encodings[position]
     assert all(end is not None for end in ends)
     return RanBatch(ends)  # type: ignore[arg-type]
 
@@ -118,12 +118,11 @@ def store_batch(store: BlobStore, ran: RanBatch, ttl_s: int) -> list[Outcome]:
         if isinstance(end, BaseException):
             outcomes.append(end)
             continue
-        payload, encoding = end
         try:
-            encoded = encoding.result()
+            encoded = end.result()
             if isinstance(encoded, BaseException):
                 raise encoded
-            outcomes.append(_store_outputs(store, payload, encoded, ttl_s))
+            outcomes.append(_store_outputs(store, end.payload, encoded, ttl_s))
         except BaseTimeoutException:
             ran.cancel()
             raise
