@@ -356,10 +356,16 @@ def test_the_gpu_count_is_a_profile(compose_bin: Path, tool_home: Path) -> None:
 def test_secrets_come_from_the_env_file_and_nothing_weak_is_published(
     compose_bin: Path, tool_home: Path, tmp_path: Path
 ) -> None:
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    out = _compose(compose_bin, tool_home, COMPOSE_FILE, "config", "--quiet", env_file=empty)
-    assert out.returncode != 0 and "CTSR_REDIS_PASSWORD" in out.stderr, "a missing password must stop compose"
+    required = {"CTSR_REDIS_PASSWORD": "a-long-random-string", "GRAFANA_ADMIN_PASSWORD": "another-one"}
+    for missing in required:  # each on its own: compose names whichever missing variable it meets first
+        env = tmp_path / f"without-{missing}.env"
+        env.write_text("".join(f"{k}={v}\n" for k, v in required.items() if k != missing))
+        out = _compose(compose_bin, tool_home, COMPOSE_FILE, "config", "--quiet", env_file=env)
+        assert out.returncode != 0 and missing in out.stderr, f"a missing {missing} must stop compose"
+    complete = tmp_path / "complete.env"
+    complete.write_text("".join(f"{k}={v}\n" for k, v in required.items()))
+    out = _compose(compose_bin, tool_home, COMPOSE_FILE, "config", "--quiet", env_file=complete)
+    assert out.returncode == 0, out.stderr
     assert ".env" in (REPO / ".gitignore").read_text().split()  # the real one is never committed
     services = _services()
     redis_cmd = [str(t) for t in services["redis"]["command"]]
