@@ -50,17 +50,22 @@ def _seed() -> None:
 
 
 # -- students ---------------------------------------------------------------------------------
-def compact_config(**arch: int) -> StudentConfig:
+def compact_config(**arch: int | str | bool) -> StudentConfig:
     """The small compact config (``arch`` overrides single options)."""
     config = load_preset("compact-x4")
     config.arch = {**SMALL_COMPACT_ARCH, **arch}
     return config
 
 
-def make_compact(velocity_gain: float = 1.0, seed: int = 0, **arch: int) -> models.CTSRStudent:
-    """A small compact student; ``velocity_gain`` scales the velocity head so alpha matters a lot."""
+def make_compact(velocity_gain: float = 1.0, seed: int = 0, **arch: int | str | bool) -> models.CTSRStudent:
+    """A small compact student; ``velocity_gain`` scales the velocity head so alpha matters a lot.
+    With ``lr_skip`` the output head (zero when built, i.e. bicubic) gets random weights."""
     torch.manual_seed(seed)
     student = models.build_student(compact_config(**arch)).eval()
+    if arch.get("lr_skip"):
+        head = next(m for m in reversed(student.decoder) if isinstance(m, torch.nn.Conv2d))
+        with torch.no_grad():
+            torch.nn.init.normal_(head.weight, std=0.05)
     if velocity_gain != 1.0:
         head = student.velocity_net[-1]
         with torch.no_grad():

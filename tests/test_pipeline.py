@@ -126,6 +126,20 @@ def test_tiled_output_equals_whole_image(runner: TileRunner, color_fix: str) -> 
         assert float((tiled - whole).abs().max()) <= 2 / 255, f"tile {tile}"
 
 
+def test_tiled_lr_skip_output_equals_whole_image() -> None:
+    """The LR skip's bicubic upscaling reads past a tile's edge like a convolution does: the overlap
+    hides it. An image smaller than a tile comes back exactly as whole-image inference."""
+    runner = TileRunner(make_compact(velocity_gain=30.0, upsampler="direct", lr_skip=True), device="cpu")
+    for width, height, tiles in ((70, 53, (36, 48)), (30, 22, (48,))):
+        job = UpscaleJob(photo_tensor(width, height), (0.0, 1.0), "none")
+        (whole,) = Upscaler(runner, tile=0).run([job])
+        assert float((whole[0] - whole[1]).abs().max()) > 10 / 255, "the two alphas must give different images"
+        for tile in tiles:
+            (tiled,) = Upscaler(runner, tile=tile, overlap=16, max_batch=8).run([job])
+            assert tiled.shape == whole.shape == (2, 3, height * 4, width * 4)
+            assert float((tiled - whole).abs().max()) <= 2 / 255, f"{width}x{height}, tile {tile}"
+
+
 def test_tiled_band_split_output_equals_whole_image() -> None:
     """Band-split decoding blurs each tile's output; the overlap's discarded margin hides the blur's
     edges, so tiles still add up to the whole image."""

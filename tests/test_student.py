@@ -15,13 +15,20 @@ import models
 from models.bandsplit import gaussian_blur
 from models.presets import load_preset
 
-FAMILIES = ["compact", "rrdb", "sd21"]
+#: ``compact-direct``: the compact family with the LR skip and the LR-size upsampler.
+FAMILIES = ["compact", "compact-direct", "rrdb", "sd21"]
 #: compact and rrdb have no normalisation; sd21's GroupNorm/attention reductions depend a little on batch.
-TOL = {"compact": 1e-5, "rrdb": 1e-5, "sd21": 1e-4}
+TOL = {"compact": 1e-5, "compact-direct": 1e-5, "rrdb": 1e-5, "sd21": 1e-4}
+
+
+def _make_compact_direct() -> models.CTSRStudent:
+    return make_compact(upsampler="direct", lr_skip=True)
 
 
 def _student(family: str) -> models.CTSRStudent:
-    return {"compact": make_compact, "rrdb": make_rrdb, "sd21": make_sd21}[family]()
+    return {"compact": make_compact, "compact-direct": _make_compact_direct, "rrdb": make_rrdb, "sd21": make_sd21}[
+        family
+    ]()
 
 
 def _lr(family: str, batch: int) -> torch.Tensor:
@@ -130,6 +137,40 @@ def test_compact_output_depends_on_alpha_linearly_in_latent() -> None:
         v = student.velocity(z0)
         by_hand = student.decode(z0 + 0.3 * v)
         assert _max_diff(student(lr, 0.3), by_hand) <= 1e-6
+
+
+def test_compact_lr_skip_starts_as_bicubic_and_its_latent_carries_the_input() -> None:
+    """A new LR-skip student is bicubic upscaling at every alpha (its head starts at zero); the
+    latent carries the input unchanged and the velocity never moves it."""
+    student, lr = make_compact(upsampler="direct", lr_skip=True), _lr("compact", 2)
+    student.decoder[-2].weight.data.zero_()  # undo make_compact's random head: the state as built
+    bicubic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        z0 = student.encode(lr)
+        v = student.velocity(z0)
+        assert _max_diff(student.sweep(lr, [0.0, 1.0]), bicubic.expand(2, -1, -1, -1, -1)) <= 1e-6
+    latent = student.arch.latent_channels
+    assert z0.shape[1] == latent + 3 and torch.equal(z0[:, latent:], lr)
+    assert float(v[:, :latent].abs().max()) > 0 and not v[:, latent:].any()
+
+
+def test_compact_direct_upsampler_runs_no_convolution_above_lr_size() -> None:
+    student, lr = _make_compact_direct(), _lr("compact", 1)
+    sizes = []
+    for m in student.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda _m, inputs, _o: sizes.append(inputs[0].shape[-2:]))
+    with torch.no_grad():
+        student(lr, 0.5)
+    assert sizes and all(tuple(s) == tuple(lr.shape[-2:]) for s in sizes)
+
+
+@pytest.mark.parametrize("arch", [{"upsampler": "bilinear"}, {"lr_skip": "yes"}, {"features": True}])
+def test_compact_bad_upsampler_settings_are_refused(arch: dict[str, object]) -> None:
+    config = load_preset("compact-x4")
+    config.arch = {**config.arch, **arch}
+    with pytest.raises(models.ConfigError, match=next(iter(arch))):
+        models.build_student(config)
 
 
 # -- sd21 adapters ----------------------------------------------------------------------------

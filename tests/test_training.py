@@ -244,6 +244,38 @@ def test_stage2_can_adapt_the_encoder_too(
         build_student(load_preset("rrdb-tiny")).trainable_parameters("stage2", encoder=True)
 
 
+def test_init_weights_carries_an_architecture_change_over_what_matches(
+    pairs: PairSet, fidelity_teacher: Path, small_preset: str, tmp_path: Path
+) -> None:
+    """``init_weights``: a student built from a new preset (here: LR skip and the LR-size upsampler)
+    starts with every tensor of an older checkpoint whose name and shape match; stage 2 then trains
+    from there. The new head starts at zero, so the starting point is bicubic upscaling."""
+    from models import build_student, load_student
+    from models.presets import load_preset
+
+    old = build_student(load_preset(small_preset)).save_pretrained(tmp_path / "old")
+    preset = tmp_path / "direct.json"
+    preset.write_text(json.dumps({"family": "compact", "scale": 4,
+                                  "arch": {**SMALL_COMPACT_ARCH, "upsampler": "direct", "lr_skip": True}}))  # fmt: skip
+    config = _config(pairs, tmp_path / "s2", stage="stage2", init=str(preset), init_weights=str(old), steps=6,
+                     lr=2e-3, fidelity_teacher=str(fidelity_teacher), loss={"fidelity": 1.0},
+                     train_decoder=True)  # fmt: skip
+    from models.training.stages import build_stage
+
+    start = build_stage(config).model.state_dict()
+    theirs = load_student(old).state_dict()
+    copied = {k for k in start if k in theirs and torch.equal(start[k], theirs[k])}
+    assert {k.split(".")[0] for k in copied} == {"encoder", "body", "velocity_net", "decoder"}
+    assert not any(k.startswith("decoder.2.") for k in copied)  # the new head has another shape
+    after = load_student(train(config, progress=False))
+    record = after.config.provenance["init_weights"]
+    assert record["from"] == str(old) and record["tensors"].startswith(f"{len(copied)} of ")
+    assert after.decoder[2].weight.abs().max() > 0  # the head trained away from zero (bicubic)
+    with pytest.raises(ConfigError, match="no tensor matches"):
+        build_stage(_config(pairs, tmp_path / "x", stage="stage2", init="rrdb-tiny", init_weights=str(old),
+                            fidelity_teacher=str(fidelity_teacher)))  # fmt: skip
+
+
 @contextlib.contextmanager
 def _crash_at_batch(n: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Within the block, the trainer's ``n``-th batch raises KeyboardInterrupt (a killed run)."""

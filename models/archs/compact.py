@@ -5,8 +5,15 @@ Same stages as the paper's SD-2.1 student, with a convolutional "latent" at LR r
 * encode   = encoder (image → latent, the VAE-encoder's role) + one-step body (the UNet's role):
   ``z0 = z + body(z)``;
 * velocity = a separate residual network on ``z0`` (the stage-2 adapter's role);
-* decode   = residual blocks + pixel-shuffle ×scale (the VAE decoder's role) + an
-  RGB head.
+* decode   = residual blocks + an upsampler (the VAE decoder's role). ``upsampler:
+  "pixelshuffle"`` (the first releases): conv + ×2 pixel shuffle steps at rising resolution and
+  an RGB conv at full size, where most of the decoder's cost goes. ``"direct"`` (Real-ESRGAN's
+  SRVGGNetCompact): one LR-size conv to ``3·scale²`` channels and a single pixel shuffle, so no
+  convolution runs above LR size.
+
+``lr_skip`` adds the bicubic-upscaled input to the output, so the network only learns the
+residual (the fidelity end is mostly the input plus detail). The decoder then needs the input:
+like the rrdb branch's, the latent carries it, ``z0 = [z, lr]``, and the velocity moves only ``z``.
 
 No normalisation layers, so a tile's output equals the matching crop of the whole image's
 output once the tile is wider than the receptive field (the tiling tests rely on this).
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import StudentConfig, parse_arch
@@ -39,11 +47,19 @@ class CompactArch:
     velocity_blocks: int = 3
     decoder_blocks: int = 2
     upsample_features: int = 48
+    upsampler: str = "pixelshuffle"  # or "direct" (see the module docstring)
+    lr_skip: bool = False
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or value < (1 if "blocks" not in name else 0):
+            if name in ("upsampler", "lr_skip"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if "blocks" not in name else 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.upsampler not in ("pixelshuffle", "direct"):
+            raise ValueError(f"upsampler must be 'pixelshuffle' or 'direct', not {self.upsampler!r}")
+        if not isinstance(self.lr_skip, bool):
+            raise ValueError(f"lr_skip must be true or false, not {self.lr_skip!r}")
 
 
 @ARCH_REGISTRY.register("compact")
@@ -53,30 +69,38 @@ class CompactStudent(CTSRStudent):
 
     def __init__(self, config: StudentConfig) -> None:
         super().__init__(config)
-        a = parse_arch(CompactArch, config.arch, self.family)
-        f, latent = a.features, a.latent_channels
+        self.arch = a = parse_arch(CompactArch, config.arch, self.family)
+        f, latent, up = a.features, a.latent_channels, a.upsample_features
         self.encoder = conv_trunk(3, f, a.encoder_blocks, latent)
         self.body = conv_trunk(latent, f, a.body_blocks, latent)
         self.velocity_net = conv_trunk(latent, f, a.velocity_blocks, latent)
-        self.decoder = nn.Sequential(
-            conv_trunk(latent, f, a.decoder_blocks, a.upsample_features),
-            nn.LeakyReLU(0.2, inplace=True),
-            PixelShuffleUpsampler(a.upsample_features, config.scale),
-            nn.Conv2d(a.upsample_features, 3, 3, padding=1),
-        )
+        if a.upsampler == "direct":
+            head: list[nn.Module] = [nn.Conv2d(up, 3 * config.scale**2, 3, padding=1), nn.PixelShuffle(config.scale)]
+        else:
+            head = [PixelShuffleUpsampler(up, config.scale), nn.Conv2d(up, 3, 3, padding=1)]
+        trunk = conv_trunk(latent, f, a.decoder_blocks, up)
+        self.decoder = nn.Sequential(trunk, nn.LeakyReLU(0.2, inplace=True), *head)
+        if a.lr_skip:  # a new model starts as bicubic upscaling, and learns the residual from there
+            last = head[0] if a.upsampler == "direct" else head[-1]
+            assert isinstance(last, nn.Conv2d) and last.bias is not None
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def encode(self, lr: torch.Tensor) -> torch.Tensor:
         z: torch.Tensor = self.encoder(lr * 2 - 1)
-        residual: torch.Tensor = self.body(z)
-        return z + residual
+        z0 = z + self.body(z)
+        return torch.cat([z0, lr.to(z0.dtype)], dim=1) if self.arch.lr_skip else z0
 
     def velocity(self, z0: torch.Tensor) -> torch.Tensor:
-        v: torch.Tensor = self.velocity_net(z0)
-        return v
+        v: torch.Tensor = self.velocity_net(z0[:, : self.arch.latent_channels])
+        return torch.cat([v, torch.zeros_like(z0[:, v.shape[1] :])], dim=1) if self.arch.lr_skip else v
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        x: torch.Tensor = self.decoder(z)
-        return (x + 1) / 2
+        x: torch.Tensor = self.decoder(z[:, : self.arch.latent_channels])
+        if not self.arch.lr_skip:
+            return (x + 1) / 2
+        lr = z[:, self.arch.latent_channels :]
+        return x / 2 + F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
 
     def trainable_parameters(self, stage: str, decoder: bool = False, encoder: bool = False) -> list[nn.Parameter]:
         modules = {

@@ -60,6 +60,10 @@ class TrainConfig:
     #: stage1: a preset name or a checkpoint folder; stage2: the stage-1 checkpoint;
     #: fidelity_teacher: "realesrgan" (start from its weights) or null (random init).
     init: str | None = None
+    #: stage1/stage2 with a preset as ``init``: a checkpoint whose tensors are copied into the new
+    #: student wherever name and shape match (an architecture change keeps what its unchanged
+    #: parts learned; the rest starts from the preset's initialisation).
+    init_weights: str | None = None
     realness_teacher: str = "realesrgan"
     fidelity_teacher: str | None = None  # a fidelity-teacher checkpoint folder
     teacher_options: dict[str, Any] = field(default_factory=dict)  # fidelity_teacher: RRDBNet options
@@ -111,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"{self.stage} needs 'init' (a preset or checkpoint to start from)")
         if self.stage == "stage2" and not self.fidelity_teacher:
             raise ConfigError("stage2 needs 'fidelity_teacher' (the velocity points at its outputs)")
+        if self.init_weights and self.stage == "fidelity_teacher":
+            raise ConfigError("init_weights is for student stages (stage1, stage2)")
         if self.train_encoder and self.stage != "stage2":
             raise ConfigError("train_encoder is a stage2 option (stage 1 trains the encoder anyway)")
         if self.velocity_init not in (None, "fidelity_teacher"):

@@ -302,6 +302,21 @@ class VelocityStage(_StudentStage):
         return out
 
 
+def copy_matching_weights(student: CTSRStudent, source: CTSRStudent, name: str) -> None:
+    """Copy ``source``'s tensors into ``student`` wherever name and shape match (``init_weights``)."""
+    theirs = source.state_dict()
+    ours = student.state_dict()
+    matched = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    if not matched:
+        raise ConfigError(f"init_weights {name}: no tensor matches the new student by name and shape")
+    student.load_state_dict(matched, strict=False)
+    student.config.provenance["init_weights"] = {
+        "from": name,
+        "tensors": f"{len(matched)} of {len(ours)} copied",
+        "sha256": tensors_sha256(matched)[:16],
+    }
+
+
 def build_stage(config: TrainConfig) -> Stage:
     if config.stage == "fidelity_teacher":
         return FidelityTeacherStage(config)
@@ -309,8 +324,10 @@ def build_stage(config: TrainConfig) -> Stage:
     from ..presets import load_preset
 
     assert config.init is not None
-    if config.stage == "stage1" and not Path(config.init).is_dir():
+    if config.init_weights or (config.stage == "stage1" and not Path(config.init).is_dir()):
         student = build_student(load_preset(config.init))
     else:
         student = load_student(Path(config.init))
+    if config.init_weights:
+        copy_matching_weights(student, load_student(Path(config.init_weights)), config.init_weights)
     return DistillStage(config, student) if config.stage == "stage1" else VelocityStage(config, student)
