@@ -253,7 +253,7 @@ def test_init_weights_carries_an_architecture_change_over_what_matches(
     from models import build_student, load_student
     from models.presets import load_preset
 
-    old = build_student(load_preset(small_preset)).save_pretrained(tmp_path / "old")
+    old = build_student(load_preset(small_preset)).save_pretrained(tmp_path / "old", {"trained_stage2": {"steps": 9}})
     preset = tmp_path / "direct.json"
     preset.write_text(json.dumps({"family": "compact", "scale": 4,
                                   "arch": {**SMALL_COMPACT_ARCH, "upsampler": "direct", "lr_skip": True}}))  # fmt: skip
@@ -270,6 +270,8 @@ def test_init_weights_carries_an_architecture_change_over_what_matches(
     after = load_student(train(config, progress=False))
     record = after.config.provenance["init_weights"]
     assert record["from"] == str(old) and record["tensors"].startswith(f"{len(copied)} of ")
+    history = after.config.provenance  # the source's records stay; this run's follows them
+    assert history["trained_stage2"] == {"steps": 9} and history["trained_stage2_2"]["steps"] == 6
     assert after.decoder[2].weight.abs().max() > 0  # the head trained away from zero (bicubic)
     with pytest.raises(ConfigError, match="no tensor matches"):
         build_stage(_config(pairs, tmp_path / "x", stage="stage2", init="rrdb-tiny", init_weights=str(old),

@@ -310,6 +310,8 @@ def copy_matching_weights(student: CTSRStudent, source: CTSRStudent, name: str) 
     if not matched:
         raise ConfigError(f"init_weights {name}: no tensor matches the new student by name and shape")
     student.load_state_dict(matched, strict=False)
+    # the copied parts keep their history: this run's record then follows the source's stages
+    student.config.provenance = {**source.config.provenance, **student.config.provenance}
     student.config.provenance["init_weights"] = {
         "from": name,
         "tensors": f"{len(matched)} of {len(ours)} copied",
