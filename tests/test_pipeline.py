@@ -126,10 +126,13 @@ def test_tiled_output_equals_whole_image(runner: TileRunner, color_fix: str) -> 
         assert float((tiled - whole).abs().max()) <= 2 / 255, f"tile {tile}"
 
 
-def test_tiled_lr_skip_output_equals_whole_image() -> None:
+@pytest.mark.parametrize("path_film", [False, True])
+def test_tiled_lr_skip_output_equals_whole_image(path_film: bool) -> None:
     """The LR skip's bicubic upscaling reads past a tile's edge like a convolution does: the overlap
-    hides it. An image smaller than a tile comes back exactly as whole-image inference."""
-    runner = TileRunner(make_compact(velocity_gain=30.0, upsampler="direct", lr_skip=True), device="cpu")
+    hides it. An image smaller than a tile comes back exactly as whole-image inference. The path
+    position the ``path_film`` latent carries is the same everywhere, tile or not."""
+    student = make_compact(velocity_gain=30.0, upsampler="direct", lr_skip=True, path_film=path_film)
+    runner = TileRunner(student, device="cpu")
     for width, height, tiles in ((70, 53, (36, 48)), (30, 22, (48,))):
         job = UpscaleJob(photo_tensor(width, height), (0.0, 1.0), "none")
         (whole,) = Upscaler(runner, tile=0).run([job])

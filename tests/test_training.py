@@ -278,6 +278,27 @@ def test_init_weights_carries_an_architecture_change_over_what_matches(
                             fidelity_teacher=str(fidelity_teacher)))  # fmt: skip
 
 
+def test_cached_latents_are_keyed_by_the_architecture_as_well_as_the_frozen_weights(
+    pairs: PairSet, fidelity_teacher: Path, small_preset: str, tmp_path: Path
+) -> None:
+    """Two students whose frozen weights are the same but whose latents differ in layout
+    (``path_film`` adds the path position) must not read each other's cached ``z0``."""
+    from models import build_student
+    from models.presets import load_preset
+    from models.training.stages import build_stage
+
+    old = build_student(load_preset(small_preset)).save_pretrained(tmp_path / "old", {})
+    keys = []
+    for name, extra in (("direct", {}), ("film", {"path_film": True}), ("again", {})):
+        preset = tmp_path / f"{name}.json"
+        arch = {**SMALL_COMPACT_ARCH, "upsampler": "direct", "lr_skip": True, **extra}
+        preset.write_text(json.dumps({"family": "compact", "scale": 4, "arch": arch}))
+        config = _config(pairs, tmp_path / name, stage="stage2", init=str(preset), init_weights=str(old),
+                         fidelity_teacher=str(fidelity_teacher), loss={"fidelity": 1.0})  # fmt: skip
+        keys.append(build_stage(config).input_cache()[-1][0])
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
 @contextlib.contextmanager
 def _crash_at_batch(n: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Within the block, the trainer's ``n``-th batch raises KeyboardInterrupt (a killed run)."""

@@ -15,6 +15,14 @@ Same stages as the paper's SD-2.1 student, with a convolutional "latent" at LR r
 residual (the fidelity end is mostly the input plus detail). The decoder then needs the input:
 like the rrdb branch's, the latent carries it, ``z0 = [z, lr]``, and the velocity moves only ``z``.
 
+``path_film`` lets the decoder know where on the path it decodes. Moving the decoder's input
+alone could not stop a decoder trained for realness from drawing texture at the fidelity end
+(alpha = 1 kept a realness-like NIQE). The latent carries one more channel, the path position:
+0 in ``z0``, 1 in ``v``, hence alpha in ``z_alpha`` (still ``z0 + alpha * v``). The decoder
+scales and shifts its features per channel by it (FiLM: ``h * (1 + p * scale) + p * shift``,
+after its first conv, each residual block and its last conv), with both vectors zero when built:
+a new ``path_film`` model decodes exactly like the same weights without it.
+
 No normalisation layers, so a tile's output equals the matching crop of the whole image's
 output once the tile is wider than the receptive field (the tiling tests rely on this).
 """
@@ -49,17 +57,35 @@ class CompactArch:
     upsample_features: int = 48
     upsampler: str = "pixelshuffle"  # or "direct" (see the module docstring)
     lr_skip: bool = False
+    path_film: bool = False  # the decoder modulated by the path position (see the module docstring)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if name in ("upsampler", "lr_skip"):
+            if name in ("upsampler", "lr_skip", "path_film"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if "blocks" not in name else 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.upsampler not in ("pixelshuffle", "direct"):
             raise ValueError(f"upsampler must be 'pixelshuffle' or 'direct', not {self.upsampler!r}")
-        if not isinstance(self.lr_skip, bool):
-            raise ValueError(f"lr_skip must be true or false, not {self.lr_skip!r}")
+        for name in ("lr_skip", "path_film"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
+
+
+class PathModulation(nn.Module):
+    """Per-channel scale and shift of decoder features by the path position ``p`` ([B, 1, H, W]):
+    ``h * (1 + p * scale[k]) + p * shift[k]`` at point ``k``; zero when built (no effect)."""
+
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        self.scale = nn.ParameterList(nn.Parameter(torch.zeros(w)) for w in widths)
+        self.shift = nn.ParameterList(nn.Parameter(torch.zeros(w)) for w in widths)
+
+    def forward(self, h: torch.Tensor, position: torch.Tensor, k: int) -> torch.Tensor:
+        scale = self.scale[k].to(h.dtype).view(1, -1, 1, 1)
+        shift = self.shift[k].to(h.dtype).view(1, -1, 1, 1)
+        out: torch.Tensor = h * (1 + position * scale) + position * shift
+        return out
 
 
 @ARCH_REGISTRY.register("compact")
@@ -85,29 +111,57 @@ class CompactStudent(CTSRStudent):
             assert isinstance(last, nn.Conv2d) and last.bias is not None
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+        if a.path_film:
+            self.film: PathModulation = PathModulation([f] * (a.decoder_blocks + 1) + [up])
+        #: channels the latent carries after ``z``: the input (lr_skip), the path position (path_film)
+        self.extra_channels = 3 * a.lr_skip + a.path_film
 
     def encode(self, lr: torch.Tensor) -> torch.Tensor:
         z: torch.Tensor = self.encoder(lr * 2 - 1)
         z0 = z + self.body(z)
-        return torch.cat([z0, lr.to(z0.dtype)], dim=1) if self.arch.lr_skip else z0
+        parts = [z0]
+        if self.arch.lr_skip:
+            parts.append(lr.to(z0.dtype))
+        if self.arch.path_film:
+            parts.append(z0.new_zeros(z0.shape[0], 1, *z0.shape[2:]))  # path position 0: the realness end
+        return torch.cat(parts, dim=1) if len(parts) > 1 else z0
 
     def velocity(self, z0: torch.Tensor) -> torch.Tensor:
         v: torch.Tensor = self.velocity_net(z0[:, : self.arch.latent_channels])
-        return torch.cat([v, torch.zeros_like(z0[:, v.shape[1] :])], dim=1) if self.arch.lr_skip else v
+        if not self.extra_channels:
+            return v
+        parts = [v, torch.zeros_like(z0[:, v.shape[1] : v.shape[1] + 3 * self.arch.lr_skip])]
+        if self.arch.path_film:
+            parts.append(torch.ones_like(z0[:, -1:]))  # z0 + alpha * v carries alpha itself
+        return torch.cat(parts, dim=1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        x: torch.Tensor = self.decoder(z[:, : self.arch.latent_channels])
+        c = self.arch.latent_channels
+        x = self._decode_film(z[:, :c], z[:, -1:]) if self.arch.path_film else self.decoder(z[:, :c])
         if not self.arch.lr_skip:
             return (x + 1) / 2
-        lr = z[:, self.arch.latent_channels :]
+        lr = z[:, c : c + 3]
         return x / 2 + F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
 
+    def _decode_film(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``self.decoder`` with :class:`PathModulation` after its trunk's first conv, blocks and last conv."""
+        trunk, film = self.decoder[0], self.film
+        assert isinstance(trunk, nn.Sequential)
+        h = film(trunk[1](trunk[0](x)), position, 0)
+        blocks: list[nn.Module] = list(trunk)[2:-1]
+        for k, block in enumerate(blocks, start=1):
+            h = film(block(h), position, k)
+        h = film(trunk[-1](h), position, len(trunk) - 2)
+        out: torch.Tensor = self.decoder[1:](h)
+        return out
+
     def trainable_parameters(self, stage: str, decoder: bool = False, encoder: bool = False) -> list[nn.Parameter]:
-        modules = {
+        modules: dict[str, list[nn.Module]] = {
             "stage1": [self.encoder, self.body, self.decoder],
             "stage2": [
                 *([self.encoder, self.body] if encoder else []),
                 self.velocity_net,
+                *([self.film] if self.arch.path_film else []),  # alpha's own part of the decoder
                 *([self.decoder] if decoder else []),
             ],
         }

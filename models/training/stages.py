@@ -6,6 +6,8 @@ Every stage sees batches of ``lr``, ``hr`` and the cached teacher outputs ``t_fi
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -145,10 +147,12 @@ class _StudentStage(Stage):
             return self.student.encode_target(image)
 
     def _digest(self, stages: tuple[str, ...]) -> str:
-        """Digest of every student weight that the given stages do not train."""
+        """Digest of every student weight that the given stages do not train, and of the
+        architecture (the same weights may make a latent of another layout)."""
         trained = {id(p) for st in stages for p in self.student.trainable_parameters(st, decoder=True)}
         frozen = {n: t for n, t in self.student.state_dict(keep_vars=True).items() if id(t) not in trained}
-        return tensors_sha256(frozen)[:16]
+        arch = json.dumps(self.student.config.arch, sort_keys=True).encode()
+        return hashlib.sha256(tensors_sha256(frozen).encode() + arch).hexdigest()[:16]
 
     def _has_encoder_cache(self) -> bool:
         return type(self.student).encoder_cache is not CTSRStudent.encoder_cache
