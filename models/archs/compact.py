@@ -29,7 +29,7 @@ output once the tile is wider than the receptive field (the tiling tests rely on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +60,15 @@ class CompactArch:
     path_film: bool = False  # the decoder modulated by the path position (see the module docstring)
 
     def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if name in ("upsampler", "lr_skip", "path_film"):
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if "blocks" not in name else 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for f in fields(self):  # by declared type (the annotations are strings here)
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, not {value!r}")
+            least = 0 if "blocks" in f.name else 1
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
         if self.upsampler not in ("pixelshuffle", "direct"):
             raise ValueError(f"upsampler must be 'pixelshuffle' or 'direct', not {self.upsampler!r}")
-        for name in ("lr_skip", "path_film"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
 
 
 class PathModulation(nn.Module):
