@@ -497,6 +497,36 @@ def test_rrdb_stage2_learns_the_velocity_from_cached_inputs(
         assert not torch.allclose(after(lr, 0.0), after(lr, 1.0))
 
 
+def test_init_critic_starts_the_critic_from_an_earlier_run(
+    pairs: PairSet, fidelity_teacher: Path, rrdb_stage1: Path, tmp_path: Path
+) -> None:
+    """A continuation keeps the realness signal it was trained with: its critic starts as the
+    earlier run's last one, not from scratch. What cannot be loaded is refused by name."""
+    from models.training.stages import build_stage
+    from models.training.trainer import STATE_NAME
+
+    def config(**kw: object) -> TrainConfig:
+        loss = kw.pop("loss", {"fidelity": 1.0, **RRDB_GAN})
+        return _rrdb_config(pairs, tmp_path / "c", fidelity_teacher, stage="stage2", init=str(rrdb_stage1),
+                            loss=loss, **kw)  # fmt: skip
+
+    source = sorted(rrdb_stage1.parent.glob("checkpoint-*"))[-1]
+    saved = torch.load(source / STATE_NAME, weights_only=True)["critic"]
+    carried, fresh = (build_stage(c).critic for c in (config(init_critic=str(source)), config()))
+    assert carried is not None and fresh is not None
+    assert all(torch.equal(carried.state_dict()[k], v) for k, v in saved.items())
+    assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    refused = {
+        "no trainer_state.pt": config(init_critic=str(rrdb_stage1)),  # a final model folder
+        "trained no critic": config(init_critic=str(sorted(fidelity_teacher.parent.glob("checkpoint-*"))[-1])),
+        "another shape": config(init_critic=str(source), discriminator_features=4),
+        "use no critic": config(init_critic=str(source), loss={"fidelity": 1.0}),
+    }
+    for message, bad in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            build_stage(bad)
+
+
 def test_rrdb_alpha_path_sampling_and_weights(pairs: PairSet, fidelity_teacher: Path, rrdb_stage1: Path) -> None:
     from models.training.stages import build_stage
 

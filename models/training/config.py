@@ -64,6 +64,10 @@ class TrainConfig:
     #: student wherever name and shape match (an architecture change keeps what its unchanged
     #: parts learned; the rest starts from the preset's initialisation).
     init_weights: str | None = None
+    #: A checkpoint folder of an earlier run (``<output>/checkpoint-NNNNNN``) whose critic this
+    #: run's starts from: a continuation then keeps the realness signal its source was trained
+    #: with instead of a critic from scratch (shapes must match: same discriminator_features).
+    init_critic: str | None = None
     realness_teacher: str = "realesrgan"
     fidelity_teacher: str | None = None  # a fidelity-teacher checkpoint folder
     teacher_options: dict[str, Any] = field(default_factory=dict)  # fidelity_teacher: RRDBNet options

@@ -125,7 +125,28 @@ class _StudentStage(Stage):
         if self.w.uses_critic():
             self.critic = UNetDiscriminatorSN(features=config.discriminator_features)
             self.teachers["t_real"] = "realness_teacher"  # feature matching's target
+            if config.init_critic:
+                self._load_critic(Path(config.init_critic))
+        elif config.init_critic:
+            raise ConfigError("init_critic: this run's losses use no critic (adversarial, feature_matching)")
         self.fake: torch.Tensor | None = None  # the last generated batch, for the critic's step
+
+    def _load_critic(self, folder: Path) -> None:
+        from .trainer import STATE_NAME
+
+        assert self.critic is not None
+        path = folder / STATE_NAME
+        if not path.is_file():
+            raise ConfigError(f"init_critic {folder}: no {STATE_NAME} (name a run's checkpoint-NNNNNN folder)")
+        state = torch.load(path, map_location="cpu", weights_only=True).get("critic")
+        if state is None:
+            raise ConfigError(f"init_critic {folder}: that run trained no critic")
+        try:
+            self.critic.load_state_dict(state)
+        except RuntimeError:
+            raise ConfigError(
+                f"init_critic {folder}: its critic has another shape (discriminator_features differs)"
+            ) from None
 
     def parameters(self) -> list[nn.Parameter]:
         c = self.config
