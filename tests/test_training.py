@@ -501,7 +501,8 @@ def test_init_critic_starts_the_critic_from_an_earlier_run(
     pairs: PairSet, fidelity_teacher: Path, rrdb_stage1: Path, tmp_path: Path
 ) -> None:
     """A continuation keeps the realness signal it was trained with: its critic starts as the
-    earlier run's last one, not from scratch. What cannot be loaded is refused by name."""
+    earlier run's last one, not from scratch, with that critic's optimiser state (a fresh Adam
+    moves every weight by about the learning rate at first). What cannot be loaded is refused."""
     from models.training.stages import build_stage
     from models.training.trainer import STATE_NAME
 
@@ -511,11 +512,19 @@ def test_init_critic_starts_the_critic_from_an_earlier_run(
                             loss=loss, **kw)  # fmt: skip
 
     source = sorted(rrdb_stage1.parent.glob("checkpoint-*"))[-1]
-    saved = torch.load(source / STATE_NAME, weights_only=True)["critic"]
-    carried, fresh = (build_stage(c).critic for c in (config(init_critic=str(source)), config()))
+    state = torch.load(source / STATE_NAME, weights_only=True)
+    saved = state["critic"]
+    stage = build_stage(config(init_critic=str(source)))
+    carried, fresh = stage.critic, build_stage(config()).critic
     assert carried is not None and fresh is not None
     assert all(torch.equal(carried.state_dict()[k], v) for k, v in saved.items())
     assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    assert stage.critic_optimizer_state is not None
+    moments = stage.critic_optimizer_state["state"]
+    assert moments and all(
+        torch.equal(m["exp_avg"], state["critic_optimizer"]["state"][i]["exp_avg"]) for i, m in moments.items()
+    )
+    train(config(init_critic=str(source), steps=2), progress=False)  # the trainer's critic optimiser takes it
     refused = {
         "no trainer_state.pt": config(init_critic=str(rrdb_stage1)),  # a final model folder
         "trained no critic": config(init_critic=str(sorted(fidelity_teacher.parent.glob("checkpoint-*"))[-1])),

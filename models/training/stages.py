@@ -45,6 +45,8 @@ class Stage(ABC):
 
     #: The adversarial critic trained beside the model, where the stage's losses use one.
     critic: nn.Module | None = None
+    #: The critic's Adam state carried over by ``init_critic``, for the trainer's critic optimiser.
+    critic_optimizer_state: dict[str, Any] | None = None
 
     @abstractmethod
     def parameters(self) -> list[nn.Parameter]: ...
@@ -138,11 +140,14 @@ class _StudentStage(Stage):
         path = folder / STATE_NAME
         if not path.is_file():
             raise ConfigError(f"init_critic {folder}: no {STATE_NAME} (name a run's checkpoint-NNNNNN folder)")
-        state = torch.load(path, map_location="cpu", weights_only=True).get("critic")
-        if state is None:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("critic") is None:
             raise ConfigError(f"init_critic {folder}: that run trained no critic")
+        # Its optimiser state too: a fresh Adam moves every weight by about the learning rate in its
+        # first steps, which took a carried critic back to chance within 20 steps.
+        self.critic_optimizer_state = saved.get("critic_optimizer")
         try:
-            self.critic.load_state_dict(state)
+            self.critic.load_state_dict(saved["critic"])
         except RuntimeError:
             raise ConfigError(
                 f"init_critic {folder}: its critic has another shape (discriminator_features differs)"

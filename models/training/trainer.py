@@ -142,6 +142,10 @@ class Trainer:
         if critic is not None:
             critic.to(self.device).train()
             optim_critic = torch.optim.Adam(critic.parameters(), lr=c.lr_discriminator or c.lr, betas=(0.9, 0.99))
+            if self.stage.critic_optimizer_state is not None and not resume:  # init_critic's
+                optim_critic.load_state_dict(self.stage.critic_optimizer_state)
+                for group in optim_critic.param_groups:
+                    group["lr"] = c.lr_discriminator or c.lr  # this run's rate, not the source's
         if resume:
             self._resume(optim, optim_critic)
         self.output.mkdir(parents=True, exist_ok=True)
