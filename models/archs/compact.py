@@ -21,7 +21,8 @@ alone could not stop a decoder trained for realness from drawing texture at the 
 0 in ``z0``, 1 in ``v``, hence alpha in ``z_alpha`` (still ``z0 + alpha * v``). The decoder
 scales and shifts its features per channel by it (FiLM: ``h * (1 + p * scale) + p * shift``,
 after its first conv, each residual block and its last conv), with both vectors zero when built:
-a new ``path_film`` model decodes exactly like the same weights without it.
+a new ``path_film`` model decodes exactly like the same weights without it. (Tried on the
+bundled release and not adopted; its card has the numbers.)
 
 No normalisation layers, so a tile's output equals the matching crop of the whole image's
 output once the tile is wider than the receptive field (the tiling tests rely on this).
