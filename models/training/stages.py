@@ -143,8 +143,8 @@ class _StudentStage(Stage):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("critic") is None:
             raise ConfigError(f"init_critic {folder}: that run trained no critic")
-        # Its optimiser state too: a fresh Adam moves every weight by about the learning rate in its
-        # first steps, which took a carried critic back to chance within 20 steps.
+        # Its optimiser state too, so the critic goes on as it was training instead of taking a fresh
+        # Adam's first steps (about the learning rate on every weight, whatever its gradient).
         self.critic_optimizer_state = saved.get("critic_optimizer")
         try:
             self.critic.load_state_dict(saved["critic"])
