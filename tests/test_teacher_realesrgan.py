@@ -22,7 +22,7 @@ from models.imaging import load_image
 from models.teachers import Teacher
 from models.teachers import realesrgan as rg
 from models.teachers.ncnn import NcnnError, convert_rrdbnet, parse_param, parse_weights
-from models.teachers.rrdbnet import RRDBNet
+from models.teachers.rrdbnet import RRDBNet, upsample_conv
 
 
 def _sources() -> tuple[str, bytes, str]:
@@ -74,6 +74,36 @@ def test_rrdbnet_x2_pads_odd_sizes() -> None:
     net = RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4).eval()
     with torch.no_grad():
         assert net(torch.rand(1, 3, 5, 7)).shape == (1, 3, 10, 14)
+
+
+def _literal_upsample_conv(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+    return conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_conv_equals_nearest_then_conv(layout: torch.memory_format, bias: bool) -> None:
+    """The transposed-conv form of nearest ×2 + 3×3 conv: same values, borders included, same gradients."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=bias)
+    x = torch.randn(2, 6, 7, 10).contiguous(memory_format=layout)
+    fast = upsample_conv(x, conv)
+    literal = _literal_upsample_conv(x, conv)
+    assert fast.shape == literal.shape == (2, 5, 14, 20)
+    torch.testing.assert_close(fast, literal, rtol=0, atol=1e-5)
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), conv.weight)
+    (grad_literal,) = torch.autograd.grad(literal.square().sum(), conv.weight)
+    torch.testing.assert_close(grad_fast, grad_literal, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), torch.nn.Conv2d(4, 4, 5, padding=2)],
+    ids=["reflect-padding", "5x5"],
+)
+def test_upsample_conv_takes_the_literal_path_for_other_convs(conv: torch.nn.Conv2d) -> None:
+    x = torch.randn(1, 4, 6, 5)
+    torch.testing.assert_close(upsample_conv(x, conv), _literal_upsample_conv(x, conv), rtol=0, atol=0)
 
 
 # -- the ncnn reader ---------------------------------------------------------------------------

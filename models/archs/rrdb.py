@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import inject_adapter_in_model
 from torch import nn
 
@@ -45,7 +44,7 @@ from ..config import StudentConfig, parse_arch
 from ..errors import CheckpointError, ConfigError
 from ..registry import ARCH_REGISTRY
 from ..student import CTSRStudent
-from ..teachers.rrdbnet import LRELU_SLOPE, ResidualDenseBlock, RRDBNet
+from ..teachers.rrdbnet import ResidualDenseBlock, RRDBNet
 from .lora import base_keys, copy_named_tensors, lora_config, merge_and_strip
 
 ADAPTERS_NAME = "adapters.safetensors"  # stage-1 LoRA + the velocity net
@@ -168,11 +167,8 @@ class RRDBStudent(CTSRStudent):
         return v
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        z = z[:, : self.features]  # a branch latent also carries the trunk's inputs (see the docstring)
-        feat = F.leaky_relu(net.conv_up1(F.interpolate(z, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
-        feat = F.leaky_relu(net.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
-        out: torch.Tensor = net.conv_last(F.leaky_relu(net.conv_hr(feat), LRELU_SLOPE))
+        # A branch latent also carries the trunk's inputs (see the docstring): the tail reads z only.
+        out: torch.Tensor = self.net.tail(z[:, : self.features])
         return out
 
     # -- training hooks ---------------------------------------------------------------------------

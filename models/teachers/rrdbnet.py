@@ -28,6 +28,42 @@ def _conv(in_ch: int, out_ch: int) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1)
 
 
+def _is_plain_conv3x3(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """``conv(nearest ×2 upsampling of x)``, computed without the upsampled tensor.
+
+    Nearest ×2 followed by a zero-padded 3×3 conv is exactly a stride-2 4×4 transposed conv: each
+    output row of an even (odd) phase reads input rows i−1 and i (i and i+1), so the 3×3 taps
+    collapse to 2×2 per phase, 4 multiply-adds per output pixel instead of 9. On the 2-core CPU
+    the two upsampling convs of the x4 tail ran 3.1× (at 128²) and 2.2× (at 256²) faster this way.
+    Anything but a plain 3×3 conv (peft's LoRA wrapper while training) takes the literal path;
+    both agree to float rounding.
+    """
+    if not _is_plain_conv3x3(conv):
+        literal: torch.Tensor = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return literal
+    assert isinstance(conv, nn.Conv2d)
+
+    def collapse(w: torch.Tensor, dim: int) -> torch.Tensor:
+        # 3×3 taps up/mid/down (offsets −1, 0, +1) → transposed taps 0..3: down, mid+down, up+mid, up
+        up, mid, down = w.unbind(dim)
+        return torch.stack([down, mid + down, up + mid, up], dim)
+
+    kernel = collapse(collapse(conv.weight, 2), 3).transpose(0, 1)  # (in, out, 4, 4)
+    return F.conv_transpose2d(x, kernel, conv.bias, stride=2, padding=1)
+
+
 class ResidualDenseBlock(nn.Module):
     """Five densely connected 3x3 convs: conv ``k`` sees the input and all earlier outputs.
 
@@ -112,7 +148,16 @@ class RRDBNet(nn.Module):
             x = F.pixel_unshuffle(x, self.unshuffle)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
-        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
-        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
-        out: torch.Tensor = self.conv_last(F.leaky_relu(self.conv_hr(feat), LRELU_SLOPE))
-        return out[..., : h * self.scale, : w * self.scale]
+        return self.tail(feat)[..., : h * self.scale, : w * self.scale]
+
+    def tail(self, feat: torch.Tensor) -> torch.Tensor:
+        """The x4 upsampling tail: LR-sized features → the image (two nearest ×2 + conv stages, conv_hr, conv_last).
+
+        The activations run in place: at 4× resolution each new 64-channel tensor is a fresh
+        mapping the kernel must fault in page by page: out of place, this tail took 300 ms instead of
+        232 ms at 128→512 on the 2-core CPU.
+        """
+        feat = F.leaky_relu(upsample_conv(feat, self.conv_up1), LRELU_SLOPE, inplace=True)
+        feat = F.leaky_relu(upsample_conv(feat, self.conv_up2), LRELU_SLOPE, inplace=True)
+        out: torch.Tensor = self.conv_last(F.leaky_relu(self.conv_hr(feat), LRELU_SLOPE, inplace=True))
+        return out
