@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compact_config, count_calls, make_compact, make_sd21, photo_crop, photo_tensor, with_band_split
+from conftest import (
+    compact_config,
+    count_calls,
+    make_compact,
+    make_rrdb,
+    make_sd21,
+    photo_crop,
+    photo_tensor,
+    with_band_split,
+)
 
-from models import ConfigError, CTSRError
+from models import ConfigError, CTSRError, CTSRStudent
 from models.archs.compact import CompactStudent
 from models.color import COLOR_FIXES, adain_color_fix, apply_color_fix, check_color_fix, wavelet_color_fix
 from models.pipeline import JobCanvas, TileRunner, UpscaleJob, Upscaler
@@ -285,11 +295,16 @@ def test_sd21_runs_through_the_pipeline() -> None:
     assert float((out[0] - out[1]).abs().max()) > 1e-2
 
 
-def test_bf16_on_cpu_returns_float32_close_to_fp32() -> None:
+@pytest.mark.parametrize(
+    "make",
+    [lambda: make_compact(velocity_gain=30.0), make_rrdb],  # rrdb: its tail's transposed convs in bf16
+    ids=["compact", "rrdb"],
+)
+def test_bf16_on_cpu_returns_float32_close_to_fp32(make: Callable[[], CTSRStudent]) -> None:
     image = photo_tensor(40, 30)
     job = UpscaleJob(image, (0.0, 1.0), "wavelet")
-    (fp32,) = Upscaler(TileRunner(make_compact(velocity_gain=30.0), device="cpu"), tile=36, overlap=16).run([job])
-    runner = TileRunner(make_compact(velocity_gain=30.0), device="cpu", dtype="bf16")
+    (fp32,) = Upscaler(TileRunner(make(), device="cpu"), tile=36, overlap=16).run([job])
+    runner = TileRunner(make(), device="cpu", dtype="bf16")
     assert next(runner.student.parameters()).dtype == torch.bfloat16
     (bf16,) = Upscaler(runner, tile=36, overlap=16).run([job])
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape

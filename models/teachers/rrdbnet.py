@@ -60,7 +60,8 @@ def upsample_conv(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
         up, mid, down = w.unbind(dim)
         return torch.stack([down, mid + down, up + mid, up], dim)
 
-    kernel = collapse(collapse(conv.weight, 2), 3).transpose(0, 1)  # (in, out, 4, 4)
+    # Summed in fp32 so that fp16/bf16 weights round once, not once per added tap.
+    kernel = collapse(collapse(conv.weight.float(), 2), 3).transpose(0, 1).to(conv.weight.dtype)  # (in, out, 4, 4)
     return F.conv_transpose2d(x, kernel, conv.bias, stride=2, padding=1)
 
 
