@@ -74,7 +74,7 @@ def main() -> None:
         "--mmap-mb",
         type=int,
         nargs="+",
-        default=[0, 4],
+        default=[0, 4, 32],
         help="CTSR_MALLOC_MMAP_THRESHOLD_MB values to compare (0: glibc's adaptive default)",
     )
     parser.add_argument("--json", type=Path)

@@ -123,9 +123,10 @@ class Settings(BaseSettings):
     #: Store a batch's outputs and finish its jobs on a thread while the next batch runs. Unset: only
     #: on an accelerator (on a CPU both would share the model's cores).
     finish_in_background: bool | None = None
-    #: glibc: allocations from this size up are mmapped, so freed memory goes back to the system
-    #: and the heap does not grow job by job (``worker/memory.py``). 0: glibc's adaptive default.
-    malloc_mmap_threshold_mb: int = Field(4, ge=0, le=512)
+    #: glibc: allocations from this size up are mmapped, and the heap's free pages go back to the
+    #: system after a forward pass that leaves over 64 MB free, so the heap does not grow job by
+    #: job (``worker/memory.py``; 32 is glibc's maximum). 0: glibc's adaptive default, no trimming.
+    malloc_mmap_threshold_mb: int = Field(32, ge=0, le=32)
     #: Each worker's own /metrics. Loopback by default like the gateway (the images set 0.0.0.0);
     #: not 9100, which node_exporter holds on most hosts. 0: no metrics server.
     worker_metrics_host: str = "127.0.0.1"

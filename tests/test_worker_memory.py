@@ -1,13 +1,19 @@
-"""The worker fixes glibc's mmap threshold, so mid-sized tensors freed by one job go back to the
-system instead of growing a fragmented heap (``worker/memory.py``)."""
+"""The worker fixes glibc's mmap threshold and trims the heap after every forward pass, so memory
+freed by one job goes back to the system instead of growing a fragmented heap, while tile-sized
+tensors still come from the heap (``worker/memory.py``)."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from models.imaging import load_image
 
 PROBE = textwrap.dedent(
     """
@@ -39,15 +45,73 @@ def _mmapped(threshold_mb: int) -> bool:
     return out.stdout.strip() == "True"
 
 
-def test_a_fixed_threshold_keeps_mid_sized_blocks_out_of_the_heap() -> None:
+def _needs_glibc() -> None:
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018 (glibc >= 2.33)
     except (OSError, AttributeError):
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+
+
+def test_a_fixed_threshold_decides_which_blocks_are_mmapped() -> None:
+    _needs_glibc()
     assert not _mmapped(0), "glibc's adaptive default serves the 8 MB block from the heap"
     assert _mmapped(4)
+    assert not _mmapped(32), "the worker's default keeps tile-sized blocks in the heap"
+
+
+TRIM_PROBE = textwrap.dedent(
+    """
+    import ctypes, ctypes.util
+    from worker.memory import fix_mmap_threshold, release_free_memory
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    assert fix_mmap_threshold(32)
+    blocks = [libc.malloc(1 << 20) for _ in range(64)]  # 64 MB in the heap, below the threshold
+    for b in blocks:
+        ctypes.memset(b, 1, 1 << 20)
+    pin = libc.malloc(2 << 20)  # above them (too big for a free bin): their free space is a hole, not the top
+    for b in blocks:
+        libc.free(b)
+    held = rss_mb()
+    assert not release_free_memory(above_mb=128)  # 64 MB free: under the bar, kept
+    assert held - rss_mb() < 8
+    assert release_free_memory(above_mb=32)
+    print(held - rss_mb())
+    """
+)
+
+
+def test_release_gives_freed_heap_pages_back() -> None:
+    _needs_glibc()
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) > 48, f"only {out.stdout.strip()} MB went back"
+
+
+def test_the_engine_trims_after_every_forward_pass(monkeypatch: pytest.MonkeyPatch, small_compact_ckpt: Path) -> None:
+    _needs_glibc()
+    from ctsr.contract import JobPayload
+    from ctsr.settings import Settings
+    from worker import engine
+
+    trims: list[int] = []
+    monkeypatch.setattr(engine, "release_free_memory", lambda above_mb: trims.append(above_mb) or True)
+    runner = engine.BatchEngine(
+        Settings(redis_url=None, model=small_compact_ckpt, tile=32, max_batch=1, warmup=False, worker_metrics_port=0)
+    )
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 40), (90, 120, 30)).save(buf, "PNG")
+    runner.run([(JobPayload("job", [0.5]), load_image(buf.getvalue()))])
+    assert runner.forward_passes > 1
+    assert trims == [engine.TRIM_ABOVE_MB] * runner.forward_passes
 
 
 def test_the_engine_applies_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ from models.imaging import LoadedImage, load_image, to_pil
 from models.pipeline import TileRunner, UpscaleJob, Upscaler, output_alpha
 from models.presets import resolve_model
 
-from .memory import fix_mmap_threshold
+from .memory import TRIM_ABOVE_MB, fix_mmap_threshold, release_free_memory
 
 
 class EncodeError(CTSRError):
@@ -68,7 +68,8 @@ class Encoding:
 class BatchEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        fix_mmap_threshold(settings.malloc_mmap_threshold_mb)
+        #: With the threshold fixed, free heap pages go back after forward passes (worker/memory.py).
+        self.trims_heap = fix_mmap_threshold(settings.malloc_mmap_threshold_mb)
         student = load_student(resolve_model(settings.model))
         if student.scale != settings.scale:
             raise CTSRError(
@@ -111,6 +112,8 @@ class BatchEngine:
 
         def progress(tiles: int) -> None:
             self.forward_passes += 1
+            if self.trims_heap:
+                release_free_memory(TRIM_ABOVE_MB)
             if on_batch:
                 on_batch(tiles)
 
