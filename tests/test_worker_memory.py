@@ -1,6 +1,6 @@
-"""The worker fixes glibc's mmap threshold and trims the heap after every forward pass, so memory
-freed by one job goes back to the system instead of growing a fragmented heap, while tile-sized
-tensors still come from the heap (``worker/memory.py``)."""
+"""The worker fixes glibc's mmap threshold and trims the heap after forward passes that leave much
+of it free, so memory freed by one job goes back to the system instead of growing a fragmented
+heap, while tile-sized tensors still come from the heap (``worker/memory.py``)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,9 @@ def test_release_gives_freed_heap_pages_back() -> None:
     assert float(out.stdout) > 48, f"only {out.stdout.strip()} MB went back"
 
 
-def test_the_engine_trims_after_every_forward_pass(monkeypatch: pytest.MonkeyPatch, small_compact_ckpt: Path) -> None:
+def test_the_engine_offers_a_trim_after_every_forward_pass(
+    monkeypatch: pytest.MonkeyPatch, small_compact_ckpt: Path
+) -> None:
     _needs_glibc()
     from ctsr.contract import JobPayload
     from ctsr.settings import Settings

@@ -12,8 +12,9 @@ model took 5.4–5.7 s per 128² tile instead of 3.8–4.2 s. So the worker fixe
 (the most glibc accepts: tile-sized activations come from the heap and are reused within a pass)
 and, after every forward pass that leaves more than ``TRIM_ABOVE_MB`` free in the heap, returns
 the free pages to the system (``malloc_trim``), which is what stops the growth from one pass to
-the next. Trimming after every pass instead cost a one-tile compact job ~25 ms: the next pass
-faulted the released pages in again (a one-tile pass leaves ~30 MB free, a batch of 8 ~100 MB).
+the next. The bar is there because trimmed pages are faulted in again by the next pass: a
+one-tile compact pass leaves ~30 MB free and keeps it, a batch of 8 leaves ~100 MB and gives it
+back (``malloc_trim`` itself took 3 and 15 ms after them).
 """
 
 from __future__ import annotations
