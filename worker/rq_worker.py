@@ -117,6 +117,7 @@ class BatchWorker(SimpleWorker):
     def teardown(self) -> None:
         self.connection.delete(ready_key(self.name))
         self.metrics.set_ready(False)
+        rqa.stop_command_listener(self)  # before RQ's teardown joins it (rq_adapter)
         super().teardown()  # type: ignore[no-untyped-call]  # unannotated in rq (untyped_calls_exclude misses super())
 
     # -- the loop ------------------------------------------------------------------------------
