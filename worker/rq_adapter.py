@@ -90,9 +90,9 @@ def stop_command_listener(worker: SimpleWorker) -> None:
 
     The thread reads with a 60 s timeout, and ``teardown()`` sends UNSUBSCRIBE, then clears the
     thread's run flag and joins it without a bound (redis-py 8). When the thread read the
-    UNSUBSCRIBE reply before the flag was cleared, it went back into a 60 s read and the worker
-    took a minute to exit after SIGTERM (seen in CI). With the flag cleared first, that reply ends
-    the thread's loop at once."""
+    UNSUBSCRIBE reply before the flag was cleared, it went back to waiting up to 60 s for a
+    subscription, and the worker took a minute to exit after SIGTERM (seen in CI). With the flag
+    cleared first, that reply ends the thread's loop at once."""
     thread: PubSubWorkerThread | None = worker.pubsub_thread  # RQ annotates it as None (its initial value)
     if thread is not None:
         thread.stop(timeout=0)
