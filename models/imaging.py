@@ -159,7 +159,8 @@ def _quantized(rgb: torch.Tensor, grey: bool) -> np.ndarray:
             luma = (0.299 * strip[0] + 0.587 * strip[1] + 0.114 * strip[2]) * 65535
             out[top : top + STRIP_ROWS] = luma.round().numpy().astype(np.uint16)
         else:
-            out[top : top + STRIP_ROWS] = (strip.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            # rounded to bytes before the HWC transpose: a quarter of the bytes to move
+            out[top : top + STRIP_ROWS] = (strip * 255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
     return out
 
 
