@@ -7,8 +7,10 @@ tensors → tiling/batching (one tile per image here) → colour fix → blended
 
     python benchmarks/bench_model.py --family compact --device cpu
     python benchmarks/bench_model.py --family sd21 --device cuda --dtype fp16 --compile-batch 16
+    python benchmarks/bench_model.py --model rrdb --device cpu --batches 1,2,4 --mmap-mb 32 --min-iters 3
 
-Prints a table and writes JSON (``--json``). Random weights: speed does not depend on them.
+Prints a table and writes JSON (``--json``). Random weights unless ``--model``: speed does not
+depend on them.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from models import build_student
+from models import build_student, load_student
 from models.pipeline import TileRunner, UpscaleJob, Upscaler
-from models.presets import DEFAULT_PRESET, load_preset
+from models.presets import DEFAULT_PRESET, load_preset, resolve_model
+from worker.memory import fix_mmap_threshold
 
 
 def _sync(device: torch.device) -> None:
@@ -52,11 +55,19 @@ def _rates(fns, batch: int, device: torch.device, warmup: int, min_time: float, 
 
 def bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    args.preset = args.preset or DEFAULT_PRESET[args.family]
-    config = load_preset(args.preset)
-    if config.family == "sd21":  # random weights, no base folder: no text encoder to refuse on
-        config.arch["prompt_embedding"] = "zeros"
-    student = build_student(config)
+    if args.mmap_mb:
+        fix_mmap_threshold(args.mmap_mb)
+    if args.model:  # a trained checkpoint, as the worker loads it
+        student = load_student(resolve_model(args.model))
+        config, args.family, args.preset = student.config, student.config.family, None
+        if args.compile_batch:
+            raise SystemExit("--compile-batch needs a --preset (each compiled run builds a fresh student)")
+    else:
+        args.preset = args.preset or DEFAULT_PRESET[args.family]
+        config = load_preset(args.preset)
+        if config.family == "sd21":  # random weights, no base folder: no text encoder to refuse on
+            config.arch["prompt_embedding"] = "zeros"
+        student = build_student(config)
     lr_side = args.out_size // config.scale
     rows = []
     compiled_batches = set(args.compile_batch)
@@ -73,6 +84,8 @@ def bench(args: argparse.Namespace) -> dict:
 
             @torch.inference_mode()
             def bare(lr=lr_dev, alpha=alpha, s=runner.student):
+                if args.model:  # the student's own forward, band-split decoding included (as bench_service)
+                    return s(lr, alpha)
                 z0 = s.encode(lr)
                 return s.decode(s.mix(z0, s.velocity(z0), alpha))
 
@@ -105,6 +118,8 @@ def bench(args: argparse.Namespace) -> dict:
     return {
         "family": args.family,
         "preset": args.preset,
+        "model": str(args.model) if args.model else None,
+        "mmap_mb": args.mmap_mb,
         "out_size": args.out_size,
         "lr_size": lr_side,
         "color_fix": args.color_fix,
@@ -123,6 +138,10 @@ def bench(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=["compact", "sd21"], default="compact")
+    p.add_argument("--model", help="a bundled name (rrdb, compact) or checkpoint folder instead of a random --preset")
+    p.add_argument(
+        "--mmap-mb", type=int, default=0, help="glibc's mmap threshold as the worker fixes it (32); 0: default"
+    )
     p.add_argument("--preset", help="default: compact-x4 or sd21-base (full SD-2.1-base shapes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

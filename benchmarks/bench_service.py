@@ -129,7 +129,6 @@ def start(args: argparse.Namespace, model: Path, workers: bool, port: int, metri
         **os.environ,
         "CTSR_MODEL": str(model),
         "CTSR_TILE": str(args.side),
-        "CTSR_MAX_BATCH": str(args.max_batch),
         "CTSR_MAX_BATCH_WAIT_MS": str(args.batch_wait_ms),
         "CTSR_WORKER_METRICS_PORT": str(metrics_port),
         "CTSR_MAX_QUEUE_DEPTH": "1000000",
@@ -138,6 +137,10 @@ def start(args: argparse.Namespace, model: Path, workers: bool, port: int, metri
         "CTSR_STATE_DIR": tempfile.mkdtemp(prefix="ctsr-bench-"),  # a fresh, empty Redis per run
     }
     env.pop("CTSR_REDIS_URL", None)
+    if args.max_batch:
+        env["CTSR_MAX_BATCH"] = str(args.max_batch)
+    else:
+        env.pop("CTSR_MAX_BATCH", None)  # the worker's own default for its device
     cmd = [sys.executable, "-m", "ctsr.cli", "serve", "--port", str(port)]
     if not workers:
         cmd = [sys.executable, "-c", GATEWAY_ONLY, str(port)]
@@ -197,7 +200,7 @@ def main() -> None:
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--seconds", type=float, default=20.0, help="per concurrency level")
     p.add_argument("--side", type=int, default=128, help="LR side (output is 4x)")
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, help="CTSR_MAX_BATCH; default: the worker's (1 on a CPU, 8 on a GPU)")
     p.add_argument("--batch-wait-ms", type=int, default=20)
     p.add_argument("--model", help="checkpoint folder or bundled name (rrdb, compact); default: --preset")
     p.add_argument("--preset", default="compact-x4", help="a freshly initialised preset, when no --model")

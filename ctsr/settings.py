@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     compile: bool = False
     tile: int = Field(128, ge=16)
-    max_batch: int = Field(8, ge=1)  # tiles per forward pass
+    #: Tiles per forward pass. Unset: 8 on an accelerator, 1 on a CPU (``BatchEngine.max_batch``).
+    max_batch: int | None = Field(None, ge=1)
     #: How long a batch may wait to fill, only while other jobs are running (a lone request on an
     #: idle service goes at once).
     max_batch_wait_ms: int = Field(20, ge=0)

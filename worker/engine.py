@@ -79,10 +79,20 @@ class BatchEngine:
                 "uploads by the output size they expect; set CTSR_SCALE to the model's factor on both"
             )
         self.runner = TileRunner(student, settings.device, settings.dtype, compile=settings.compile)
-        self.upscaler = Upscaler(self.runner, tile=settings.tile, max_batch=settings.max_batch)
+        self.max_batch = settings.max_batch or self.default_max_batch(self.runner.device)
+        self.upscaler = Upscaler(self.runner, tile=settings.tile, max_batch=self.max_batch)
         self.forward_passes = 0
         threads = settings.encode_threads or min(os.cpu_count() or 1, 8)
         self.encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ctsr-encode")
+
+    @staticmethod
+    def default_max_batch(device: torch.device) -> int:
+        """Tiles per forward pass when ``CTSR_MAX_BATCH`` is unset. On a CPU one tile already keeps
+        every core busy, and a batch only costs more per tile: on 2 cores the default model ran
+        0.25-0.26 images/s one tile at a time and 0.22-0.23 in batches of 4 (two runs), compact
+        4.8-5.0 from 1 to 4 tiles and 4.1 at 8 (``benchmarks/bench_model.py --model rrdb
+        --batches 1,2,4``; ``results/batch_cpu_*.json``). An accelerator needs batches to fill."""
+        return 1 if device.type == "cpu" else 8
 
     @property
     def device(self) -> torch.device:

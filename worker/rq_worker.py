@@ -195,7 +195,7 @@ class BatchWorker(SimpleWorker):
         tiles = self._tiles(first[0])
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
         waiting = None  # decided at the first empty look: is company likely?
-        while len(pulled) < self.settings.max_jobs_per_pull and tiles < self.settings.max_batch:
+        while len(pulled) < self.settings.max_jobs_per_pull and tiles < self.engine.max_batch:
             more = rqa.dequeue_nowait(self)
             if more is not None:
                 pulled.append(more)
