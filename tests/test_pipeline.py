@@ -6,6 +6,7 @@ import itertools
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from conftest import (
 from models import ConfigError, CTSRError, CTSRStudent
 from models.archs.compact import CompactStudent
 from models.color import COLOR_FIXES, adain_color_fix, apply_color_fix, check_color_fix, wavelet_color_fix
+from models.imaging import quantized
 from models.pipeline import JobCanvas, TileRunner, UpscaleJob, Upscaler
 from models.tiling import TileGrid
 
@@ -134,6 +136,22 @@ def test_tiled_output_equals_whole_image(runner: TileRunner, color_fix: str) -> 
         (tiled,) = upscaler.run([job])
         assert tiled.shape == whole.shape
         assert float((tiled - whole).abs().max()) <= 2 / 255, f"tile {tile}"
+
+
+def test_the_half_precision_host_canvas_moves_a_pixel_one_level_at_most(
+    runner: TileRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multi-tile image blends on the host in float16 (half the memory that grows with the
+    image); quantized to 8 bits it is the float32 canvas's result but for rare one-level steps."""
+    job = UpscaleJob(photo_tensor(70, 53), (0.0, 1.0), "wavelet")
+    upscaler = Upscaler(runner, tile=36, overlap=16, max_batch=8)
+    assert upscaler.canvas(job).dtype == torch.float16
+    (half,) = upscaler.run([job])
+    monkeypatch.setattr(JobCanvas, "dtype", property(lambda self: torch.float32))
+    (full,) = upscaler.run([job])
+    steps = np.abs(quantized(half[0]).astype(int) - quantized(full[0]).astype(int))
+    assert steps.max() <= 1
+    assert steps.mean() < 0.05, f"{steps.mean():.3f} of the values moved"
 
 
 @pytest.mark.parametrize("path_film", [False, True])
@@ -307,7 +325,7 @@ def test_bf16_on_cpu_returns_float32_close_to_fp32(make: Callable[[], CTSRStuden
     runner = TileRunner(make(), device="cpu", dtype="bf16")
     assert next(runner.student.parameters()).dtype == torch.bfloat16
     (bf16,) = Upscaler(runner, tile=36, overlap=16).run([job])
-    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    assert bf16.dtype == fp32.dtype and bf16.shape == fp32.shape  # the canvas's, never the model's bf16
     assert float((bf16 - fp32).abs().mean()) < 0.01
     assert float((bf16 - fp32).abs().max()) < 0.15
 
