@@ -149,26 +149,32 @@ def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 STRIP_ROWS = 256
 
 
-def _quantized(rgb: torch.Tensor, grey: bool) -> np.ndarray:
-    """``[3, H, W]`` floats → uint8 ``[H, W, 3]`` (or uint16 ``[H, W]`` luma), a strip at a time."""
-    h, w = rgb.shape[-2:]
-    out = np.empty((h, w) if grey else (h, w, 3), dtype=np.uint16 if grey else np.uint8)
-    for top in range(0, h, STRIP_ROWS):
+def quantized_strips(rgb: torch.Tensor, grey: bool = False) -> Iterator[np.ndarray]:
+    """``[3, H, W]`` floats → uint8 ``[rows, W, 3]`` (or uint16 ``[rows, W]`` luma) strips, top to bottom."""
+    for top in range(0, rgb.shape[-2], STRIP_ROWS):
         strip = rgb[:, top : top + STRIP_ROWS].detach().float().cpu().clamp(0, 1)
         if grey:
             luma = (0.299 * strip[0] + 0.587 * strip[1] + 0.114 * strip[2]) * 65535
-            out[top : top + STRIP_ROWS] = luma.round().numpy().astype(np.uint16)
+            yield luma.round().numpy().astype(np.uint16)
         else:
             # rounded to bytes before the HWC transpose: a quarter of the bytes to move
-            out[top : top + STRIP_ROWS] = (strip * 255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+            yield (strip * 255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def quantized(rgb: torch.Tensor, grey: bool = False) -> np.ndarray:
+    """``[3, H, W]`` floats → uint8 ``[H, W, 3]`` (or uint16 ``[H, W]`` luma), a strip at a time."""
+    h, w = rgb.shape[-2:]
+    out = np.empty((h, w) if grey else (h, w, 3), dtype=np.uint16 if grey else np.uint8)
+    for top, strip in zip(range(0, h, STRIP_ROWS), quantized_strips(rgb, grey), strict=True):
+        out[top : top + STRIP_ROWS] = strip
     return out
 
 
 def to_pil(rgb: torch.Tensor, mode: str = "RGB", alpha: torch.Tensor | None = None) -> Image.Image:
     """``[3, H, W]`` in [0, 1] (+ optional ``[1, H, W]`` alpha) → a Pillow image in ``mode``."""
     if mode == "I;16":
-        return Image.fromarray(_quantized(rgb, grey=True))  # uint16 → mode I;16
-    img = Image.fromarray(_quantized(rgb, grey=False), mode="RGB")
+        return Image.fromarray(quantized(rgb, grey=True))  # uint16 → mode I;16
+    img = Image.fromarray(quantized(rgb), mode="RGB")
     if mode in ("L", "LA"):
         img = img.convert("L")
     if alpha is not None and mode in ("RGBA", "LA"):

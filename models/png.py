@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -23,36 +24,62 @@ UP_FILTER = 2
 STRIP_BYTES = 1 << 22  # filtered bytes compressed at a time
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """``[H, W]`` or ``[H, W, C]`` (C = 1-4: grey, grey + alpha, RGB, RGBA), uint8 or uint16 → PNG."""
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    unsigned = pixels.dtype.kind == "u" and pixels.dtype.itemsize in (1, 2)  # 8 or 16 bits, either byte order
-    if pixels.ndim != 3 or pixels.shape[2] not in COLOUR_TYPES or not unsigned:
-        raise ValueError(f"cannot write a {pixels.dtype} array of shape {pixels.shape} as PNG")
-    height, width, channels = pixels.shape
-    if not height or not width:
-        raise ValueError("cannot write an empty image as PNG")
-    stride = width * channels * pixels.dtype.itemsize
-    header = struct.pack(">IIBBBBB", width, height, 8 * pixels.dtype.itemsize, COLOUR_TYPES[channels], 0, 0, 0)
-    parts = [SIGNATURE, _chunk(b"IHDR", header)]
+def encode_png(pixels: np.ndarray | Iterable[np.ndarray]) -> bytes:
+    """``[H, W]`` or ``[H, W, C]`` (C = 1-4: grey, grey + alpha, RGB, RGBA), uint8 or uint16 → PNG.
 
+    Or an iterable of such strips of rows, top to bottom: then the whole image is never held, only
+    one strip at a time (the worker quantizes its float result that way).
+    """
+    strips = _strips(pixels) if isinstance(pixels, np.ndarray) else pixels
     deflate = zlib.compressobj(zlib.Z_BEST_SPEED, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-    above = np.zeros(stride, np.uint8)  # the row before the first counts as zeros
-    step = max(1, STRIP_BYTES // stride)
-    for top in range(0, height, step):
+    idat: list[bytes] = []
+    above: np.ndarray | None = None  # the previous strip's last row
+    height, first = 0, None
+    for strip in strips:
+        strip = _checked(strip)
+        if first is None:
+            first = strip
+        elif strip.shape[1:] != first.shape[1:] or strip.dtype.itemsize != first.dtype.itemsize:
+            raise ValueError(f"a strip of shape {strip.shape} does not continue one of {first.shape}")
         # PNG stores samples big-endian; uint8 needs no conversion (and no copy when contiguous)
-        rows = np.ascontiguousarray(pixels[top : top + step], dtype=pixels.dtype.newbyteorder(">"))
-        rows = rows.view(np.uint8).reshape(-1, stride)
-        filtered = np.empty((len(rows), stride + 1), np.uint8)
+        rows = np.ascontiguousarray(strip, dtype=strip.dtype.newbyteorder(">")).view(np.uint8)
+        rows = rows.reshape(len(strip), -1)
+        filtered = np.empty((len(rows), rows.shape[1] + 1), np.uint8)
         filtered[:, 0] = UP_FILTER
-        np.subtract(rows[0], above, out=filtered[0, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's does
+        # uint8 arithmetic wraps modulo 256, as PNG's does; the row before the first counts as zeros
+        filtered[0, 1:] = rows[0] if above is None else rows[0] - above
         np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-        above = rows[-1]
-        parts.append(_chunk(b"IDAT", deflate.compress(filtered.data)))
-    parts.append(_chunk(b"IDAT", deflate.flush()))
-    parts.append(_chunk(b"IEND", b""))
-    return b"".join(p for p in parts if p)
+        above, height = rows[-1], height + len(rows)
+        idat.append(_chunk(b"IDAT", deflate.compress(filtered.data)))
+    if first is None:
+        raise ValueError("cannot write an empty image as PNG")
+    idat.append(_chunk(b"IDAT", deflate.flush()))
+    _, width, channels = first.shape
+    depth = 8 * first.dtype.itemsize
+    header = struct.pack(">IIBBBBB", width, height, depth, COLOUR_TYPES[channels], 0, 0, 0)
+    return b"".join([SIGNATURE, _chunk(b"IHDR", header), *idat, _chunk(b"IEND", b"")])
+
+
+def _strips(pixels: np.ndarray) -> Iterator[np.ndarray]:
+    """An image in strips of about ``STRIP_BYTES``, so the filtered copy stays small."""
+    row_bytes = max(1, pixels[:1].nbytes)
+    step = max(1, STRIP_BYTES // row_bytes)
+    for top in range(0, len(pixels), step):
+        yield pixels[top : top + step]
+    if not len(pixels):
+        yield pixels
+
+
+def _checked(strip: np.ndarray) -> np.ndarray:
+    """``[rows, W, C]`` of 8- or 16-bit samples (either byte order) with at least one pixel."""
+    if strip.ndim == 2:
+        strip = strip[:, :, None]
+    unsigned = strip.dtype.kind == "u" and strip.dtype.itemsize in (1, 2)
+    if strip.ndim != 3 or strip.shape[2] not in COLOUR_TYPES or not unsigned:
+        raise ValueError(f"cannot write a {strip.dtype} array of shape {strip.shape} as PNG")
+    if not strip.shape[0] or not strip.shape[1]:
+        raise ValueError("cannot write an empty image as PNG")
+    return strip
 
 
 def _chunk(tag: bytes, data: bytes) -> bytes:

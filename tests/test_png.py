@@ -92,3 +92,19 @@ def test_the_stream_is_one_valid_zlib_stream() -> None:
         pos += 12 + length
     raw = zlib.decompress(idat)
     assert len(raw) == 16 * (1 + 16 * 3) and raw[0] == 2  # every row: the Up filter
+
+
+def test_strips_from_an_iterable_make_the_same_file() -> None:
+    """The worker hands its result over a strip at a time (never the whole 8-bit image)."""
+    pixels = RNG.integers(0, 256, size=(23, 17, 3), dtype=np.uint8)
+    strips = (pixels[top : top + 5] for top in range(0, 23, 5))
+    assert encode_png(strips) == encode_png(pixels)
+    grey = RNG.integers(0, 65536, size=(9, 6), dtype=np.uint16)
+    assert np.array_equal(decoded(encode_png([grey[:4], grey[4:]])), grey)
+
+
+def test_strips_that_do_not_continue_the_image_are_refused() -> None:
+    with pytest.raises(ValueError, match="does not continue"):
+        encode_png([np.zeros((2, 4, 3), np.uint8), np.zeros((2, 5, 3), np.uint8)])
+    with pytest.raises(ValueError, match="empty"):
+        encode_png([])

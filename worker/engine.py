@@ -25,7 +25,7 @@ from ctsr.contract import JobPayload, alpha_label
 from ctsr.settings import Settings
 from models import load_student
 from models.errors import CTSRError
-from models.imaging import LoadedImage, load_image, to_pil
+from models.imaging import LoadedImage, load_image, quantized_strips, to_pil
 from models.pipeline import TileRunner, UpscaleJob, Upscaler, output_alpha
 from models.png import encode_png
 from models.presets import resolve_model
@@ -148,6 +148,10 @@ class BatchEngine:
 
 def _encode_one(rgb: torch.Tensor, mode: str, alpha: torch.Tensor | None, payload: JobPayload) -> bytes:
     """One alpha's SR tensor → the encoded image (in an encoder thread)."""
+    if payload.format == "png" and mode in ("RGB", "I;16"):
+        # quantized and written a strip of rows at a time: the 8-bit image (50 MB at 4096²), a
+        # Pillow copy of it and an array of that are never made
+        return encode_png(quantized_strips(rgb, grey=mode == "I;16"))
     pil = to_pil(rgb, mode, alpha)
     buf = io.BytesIO()
     try:
