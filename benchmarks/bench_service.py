@@ -89,31 +89,44 @@ async def drive(url: str, clients: int, seconds: float, body: bytes, wait: bool)
     return latencies, bad, elapsed
 
 
-def bare_rate(
-    student_dir: Path, batch: int, side: int, seconds: float = 3.0, device: str = "cpu", dtype: str = "auto"
-) -> float:
+def bare_rates(
+    student_dir: Path,
+    batches: list[int],
+    side: int,
+    seconds: float = 3.0,
+    device: str = "cpu",
+    dtype: str = "auto",
+    windows: int = 3,
+) -> dict[int, float]:
+    """Images/s of the bare student at each batch size: the median of ``windows`` timing windows
+    of ``seconds`` each, taken in turns across the batch sizes, so a passing disturbance of the
+    machine (one window once measured 2.6 img/s between two of 4.1 and 4.4) moves no baseline."""
     from models import load_student
 
     runner = TileRunner(load_student(student_dir), device, dtype)  # prepared as the worker prepares it
-    lr = torch.rand(batch, 3, side, side, device=runner.device, dtype=runner.dtype)
-    lr = lr.contiguous(memory_format=torch.channels_last)  # as the worker's runner lays it out
-    alpha = torch.full((batch,), 0.5, device=runner.device)  # what the load generator asks for (the API's default)
     s = runner.student
 
     def sync() -> None:
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
 
+    rates: dict[int, list[float]] = {batch: [] for batch in batches}
     with torch.inference_mode():
-        s(lr, alpha)
-        sync()
-        times, start = [], time.perf_counter()
-        while time.perf_counter() - start < seconds or len(times) < 3:
-            t0 = time.perf_counter()
-            s(lr, alpha)
-            sync()
-            times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+        for _ in range(windows):
+            for batch in batches:
+                lr = torch.rand(batch, 3, side, side, device=runner.device, dtype=runner.dtype)
+                lr = lr.contiguous(memory_format=torch.channels_last)  # as the worker's runner lays it out
+                alpha = torch.full((batch,), 0.5, device=runner.device)  # the load generator's (the API's default)
+                s(lr, alpha)
+                sync()
+                times, start = [], time.perf_counter()
+                while time.perf_counter() - start < seconds or len(times) < 3:
+                    t0 = time.perf_counter()
+                    s(lr, alpha)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                rates[batch].append(batch / statistics.median(times))
+    return {batch: statistics.median(found) for batch, found in rates.items()}
 
 
 def server_log(proc: subprocess.Popen[bytes]) -> str:
@@ -204,7 +217,7 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=int, default=20)
     p.add_argument("--model", help="checkpoint folder or bundled name (rrdb, compact); default: --preset")
     p.add_argument("--preset", default="compact-x4", help="a freshly initialised preset, when no --model")
-    p.add_argument("--bare-seconds", type=float, default=8.0, help="bare-model timing per batch size (median)")
+    p.add_argument("--bare-seconds", type=float, default=8.0, help="one bare-model timing window (3 per batch size)")
     p.add_argument("--device", default="cpu", help="the worker's and the bare model's device (cpu, cuda)")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16")
     p.add_argument("--json", type=Path)
@@ -252,9 +265,12 @@ def main() -> None:
     finally:
         stop(server)
 
-    for row in rows:  # the bare model at the batch the worker actually formed, after the server is gone
+    # the bare model at the batch the worker actually formed, after the server is gone
+    formed = sorted({max(1, round(row["mean_batch_tiles"])) for row in rows})
+    bare_at = bare_rates(model, formed, args.side, args.bare_seconds, args.device, args.dtype)
+    for row in rows:
         batch = max(1, round(row["mean_batch_tiles"]))
-        bare = bare_rate(model, batch, args.side, args.bare_seconds, args.device, args.dtype)
+        bare = bare_at[batch]
         row["bare_img_s_at_batch"] = round(bare, 3)
         row["service_over_bare"] = round(row["img_s"] / bare, 3)
         if row["clients"] == 1:  # a lone request's cost beyond the model (HTTP, queue, notification)
