@@ -66,8 +66,6 @@ def _strips(pixels: np.ndarray) -> Iterator[np.ndarray]:
     step = max(1, STRIP_BYTES // row_bytes)
     for top in range(0, len(pixels), step):
         yield pixels[top : top + step]
-    if not len(pixels):
-        yield pixels
 
 
 def _checked(strip: np.ndarray) -> np.ndarray:
