@@ -4,7 +4,11 @@ Generative SR can drift in colour; both fixes pull the output's low frequencies 
 statistics) back to the bicubic-upsampled input while keeping the generated detail.
 
 * ``wavelet`` (StableSR / OSEDiff style): output high frequencies + reference low frequencies,
-  split by a dilated à-trous blur pyramid. Local, so tiles blend seamlessly.
+  split by a dilated à-trous blur pyramid. Local, so tiles blend seamlessly. The pyramid's low
+  band is smooth enough to compute at LR size: the output averaged over each ``scale``² block
+  stands in for its first levels, and the difference to the LR input is blurred there and
+  upsampled. A 512² result: 8 → 1.5-2.2 ms on 2 cores; on photos within a level of 255 of
+  the full-size pyramid (mean 0.05/255; `tests/test_pipeline.py`).
 * ``adain``: per-channel mean/std of the output matched to the reference's.
 * ``none``: untouched.
 """
@@ -36,15 +40,22 @@ def _blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
     return torch.add(x[..., : -2 * d, :], x[..., 2 * d :, :]).add_(x[..., d:-d, :], alpha=2).mul_(0.25)
 
 
-def _low_frequency(x: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
-    for i in range(levels):
-        x = _blur(x, 2**i)
+def _low_frequency(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
+    for d in dilations:
+        x = _blur(x, d)
     return x
 
 
-def wavelet_color_fix(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    # out - low(out) + low(ref), with one pyramid instead of two: the blur is linear.
-    return out + _low_frequency(ref - out)
+def wavelet_color_fix(out: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """``out - low(out) + low(ref)`` with ``ref`` the upsampled ``lr``: one pyramid on the
+    difference (the blur is linear), run at LR size on ``lr - mean of out's scale² blocks``."""
+    scale = out.shape[-1] // lr.shape[-1]
+    if out.shape[-2:] != (lr.shape[-2] * scale, lr.shape[-1] * scale):
+        raise ValueError(f"output {tuple(out.shape[-2:])} is not a whole multiple of LR {tuple(lr.shape[-2:])}")
+    widest = 2 ** (WAVELET_LEVELS - 1)  # the full-size pyramid's last dilation, in output pixels
+    dilations = [2**i for i in range(WAVELET_LEVELS) if 2**i * scale <= widest]
+    low = _low_frequency(lr - F.avg_pool2d(out, scale), dilations)
+    return out + F.interpolate(low, size=out.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def adain_color_fix(out: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -59,15 +70,22 @@ def apply_color_fix(out: torch.Tensor, lr: torch.Tensor, methods: Sequence[str])
         check_color_fix(m)
     if all(m == "none" for m in methods):
         return out
-    # In NCHW, not the channels-last layout the model produces: the bicubic upsampling and the
-    # blurs run 2-3x faster in it (a 512² result: 20 → 9.5 ms on 2 cores, the same values).
-    fixed = out.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    # In NCHW, not the channels-last layout the model produces: the upsampling and the blurs run
+    # 2-3x faster in it. ``fixed`` may be ``out`` itself until a per-sample scatter needs a copy.
+    fixed = out.to(torch.float32, memory_format=torch.contiguous_format)
+    private = fixed.data_ptr() != out.data_ptr()
     lr = lr.to(torch.float32, memory_format=torch.contiguous_format)
-    ref = F.interpolate(lr, size=out.shape[-2:], mode="bicubic", align_corners=False).clamp_(0, 1)
-    for method, fn in (("wavelet", wavelet_color_fix), ("adain", adain_color_fix)):
+
+    def adain(o: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+        ref = F.interpolate(small, size=o.shape[-2:], mode="bicubic", align_corners=False).clamp_(0, 1)
+        return adain_color_fix(o, ref)
+
+    for method, fn in (("wavelet", wavelet_color_fix), ("adain", adain)):
         idx = [i for i, m in enumerate(methods) if m == method]
         if len(idx) == len(methods):
-            fixed = fn(fixed, ref)  # the usual case: no gather and scatter
+            fixed = fn(fixed, lr)  # the usual case: no gather and scatter
         elif idx:
-            fixed[idx] = fn(fixed[idx], ref[idx])
+            if not private:
+                fixed, private = fixed.clone(), True
+            fixed[idx] = fn(fixed[idx], lr[idx])
     return fixed

@@ -415,7 +415,7 @@ def test_colour_fix_removes_a_colour_cast(method: str) -> None:
     assert _channel_mean_error(shifted, up) >= 0.1
     fixed = apply_color_fix(shifted, lr, [method])
     assert _channel_mean_error(fixed, up) < 0.01
-    direct = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}[method](shifted, up)
+    direct = wavelet_color_fix(shifted, lr) if method == "wavelet" else adain_color_fix(shifted, up)
     assert _channel_mean_error(direct, up) < 0.01
 
 
@@ -426,13 +426,42 @@ def test_colour_fix_none_leaves_output_alone() -> None:
 
 
 def test_wavelet_keeps_high_frequency_detail() -> None:
-    _, up = _lr_and_up()
+    lr, up = _lr_and_up()
     yy, xx = torch.meshgrid(torch.arange(72), torch.arange(96), indexing="ij")
     detail = ((yy + xx) % 2 * 2 - 1).float().mul(0.05).expand(1, 3, -1, -1)  # a pixel checkerboard
-    fixed = wavelet_color_fix(up + 0.2 + detail, up)
+    fixed = wavelet_color_fix(up + 0.2 + detail, lr)
     recovered = (fixed - up)[..., 8:-8, 8:-8]
     assert float((recovered - detail[..., 8:-8, 8:-8]).abs().max()) < 0.01
     assert _channel_mean_error(fixed, up) < 0.01
+
+
+def test_wavelet_at_lr_size_matches_the_full_size_pyramid() -> None:
+    """The fix runs its pyramid at LR size; on a real photo it stays within a level of 255 of the
+    textbook version (five à-trous levels on the output-size difference to the bicubic input)."""
+    hr = photo_tensor(192, 144)[None]
+    lr = F.interpolate(hr, scale_factor=0.25, mode="area") + torch.tensor([0.05, -0.03, 0.02]).view(1, 3, 1, 1)
+    ref = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    low = ref - hr
+    for d in (1, 2, 4, 8, 16):
+        low = F.pad(low, (d, d, d, d), mode="replicate")
+        low = (low[..., :, : -2 * d] + 2 * low[..., :, d:-d] + low[..., :, 2 * d :]) / 4
+        low = (low[..., : -2 * d, :] + 2 * low[..., d:-d, :] + low[..., 2 * d :, :]) / 4
+    textbook = hr + low
+    fixed = wavelet_color_fix(hr, lr)
+    diff = (fixed - textbook).abs() * 255
+    assert float(diff.mean()) < 0.1 and float(diff.max()) < 2
+    assert float((fixed - hr).abs().mean() * 255) > 5  # it did move the colours (the cast)
+    with pytest.raises(ValueError, match="not a whole multiple"):
+        wavelet_color_fix(hr[..., :-1], lr)
+
+
+def test_colour_fix_leaves_its_input_alone() -> None:
+    lr, up = _lr_and_up()
+    out = (up + 0.2).expand(3, -1, -1, -1).contiguous()
+    before = out.clone()
+    apply_color_fix(out, lr.expand(3, -1, -1, -1), ["wavelet", "adain", "none"])
+    apply_color_fix(out, lr.expand(3, -1, -1, -1), ["wavelet"] * 3)
+    assert torch.equal(out, before)
 
 
 def test_colour_fix_per_sample_methods() -> None:
