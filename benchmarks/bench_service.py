@@ -5,13 +5,16 @@ a folder or a bundled name, ``rrdb`` the default, ``compact`` the fast one; or a
 initialised ``--preset``),
 drives it with asyncio httpx clients at several concurrency levels (each client: POST /upscale
 with ``Prefer: wait`` → the 4× PNG), and reports throughput, p50/p99 latency and the worker's
-mean batch, beside the bare model's images/s at that batch size measured in this process. A
+mean batch, beside the bare model's images/s at that batch size measured in this process: each
+level runs ``--rounds`` service windows, each followed by a bare window (the worker idle), so a
+drift of the machine's speed moves both sides of the ratio alike. A
 second phase measures how many uploads/s the gateway alone accepts (no worker, jobs queued),
 with the asyncio client and, when the Debian package ``wrk`` is installed, with wrk (a C load
 generator that leaves the CPU to the gateway).
 
     python benchmarks/bench_service.py --model compact --json benchmarks/results/service_cpu_compact.json
-    python benchmarks/bench_service.py --model rrdb --seconds 60 --json benchmarks/results/service_cpu_rrdb.json
+    python benchmarks/bench_service.py --model rrdb --clients 1,4 --seconds 90 --bare-seconds 10 \
+        --json benchmarks/results/service_cpu_rrdb.json
 """
 
 from __future__ import annotations
@@ -89,44 +92,38 @@ async def drive(url: str, clients: int, seconds: float, body: bytes, wait: bool)
     return latencies, bad, elapsed
 
 
-def bare_rates(
-    student_dir: Path,
-    batches: list[int],
-    side: int,
-    seconds: float = 3.0,
-    device: str = "cpu",
-    dtype: str = "auto",
-    windows: int = 3,
-) -> dict[int, float]:
-    """Images/s of the bare student at each batch size: the median of ``windows`` timing windows
-    of ``seconds`` each, taken in turns across the batch sizes, so a passing disturbance of the
-    machine (one window once measured 2.6 img/s between two of 4.1 and 4.4) moves no baseline."""
-    from models import load_student
+class BareModel:
+    """The bare student, prepared as the worker prepares it, timed in this process between the
+    service's windows: this machine's speed drifts by ±10 % over minutes (a bare rate measured
+    after the service once read 3.75 images/s, the next run 4.65), so each service window is set
+    against bare windows taken just before and after it, not against one baseline for the run."""
 
-    runner = TileRunner(load_student(student_dir), device, dtype)  # prepared as the worker prepares it
-    s = runner.student
+    def __init__(self, student_dir: Path, side: int, device: str = "cpu", dtype: str = "auto") -> None:
+        from models import load_student
 
-    def sync() -> None:
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize(runner.device)
+        self.runner = TileRunner(load_student(student_dir), device, dtype)
+        self.side = side
 
-    rates: dict[int, list[float]] = {batch: [] for batch in batches}
-    with torch.inference_mode():
-        for _ in range(windows):
-            for batch in batches:
-                lr = torch.rand(batch, 3, side, side, device=runner.device, dtype=runner.dtype)
-                lr = lr.contiguous(memory_format=torch.channels_last)  # as the worker's runner lays it out
-                alpha = torch.full((batch,), 0.5, device=runner.device)  # the load generator's (the API's default)
-                s(lr, alpha)
-                sync()
-                times, start = [], time.perf_counter()
-                while time.perf_counter() - start < seconds or len(times) < 3:
-                    t0 = time.perf_counter()
-                    s(lr, alpha)
-                    sync()
-                    times.append(time.perf_counter() - t0)
-                rates[batch].append(batch / statistics.median(times))
-    return {batch: statistics.median(found) for batch, found in rates.items()}
+    def _sync(self) -> None:
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+
+    def window(self, batch: int, seconds: float) -> float:
+        """Images/s at ``batch`` over one window of ``seconds`` (the median step; at least 3)."""
+        runner = self.runner
+        with torch.inference_mode():
+            lr = torch.rand(batch, 3, self.side, self.side, device=runner.device, dtype=runner.dtype)
+            lr = lr.contiguous(memory_format=torch.channels_last)  # as the worker's runner lays it out
+            alpha = torch.full((batch,), 0.5, device=runner.device)  # the load generator's (the API's default)
+            runner.student(lr, alpha)
+            self._sync()
+            times, start = [], time.perf_counter()
+            while time.perf_counter() - start < seconds or len(times) < 3:
+                t0 = time.perf_counter()
+                runner.student(lr, alpha)
+                self._sync()
+                times.append(time.perf_counter() - t0)
+        return batch / statistics.median(times)
 
 
 def server_log(proc: subprocess.Popen[bytes]) -> str:
@@ -208,16 +205,69 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def metric_sums(port: int) -> dict[str, float]:
+    names = ("ctsr_worker_batch_tiles_sum", "ctsr_worker_batch_tiles_count",
+             "ctsr_worker_inference_seconds_sum", "ctsr_worker_inference_seconds_count")  # fmt: skip
+    return {name: scrape(port, name) for name in names}
+
+
+def measure_level(
+    args: argparse.Namespace, url: str, metrics_port: int, clients: int, body: bytes, bare: BareModel
+) -> dict:
+    """``args.rounds`` service windows at ``clients``, each followed by a bare-model window at the
+    batch size the worker formed in it (the worker is idle then, blocked on its queue)."""
+    latencies: list[float] = []
+    bad, elapsed, bare_rates, batches_formed = 0, 0.0, [], []
+    tiles = passes = infer = batches = 0.0
+    for _ in range(args.rounds):
+        before = metric_sums(metrics_port)
+        window, window_bad, window_elapsed = asyncio.run(drive(url, clients, args.seconds / args.rounds, body, True))
+        after = metric_sums(metrics_port)
+        latencies += window
+        bad += window_bad
+        elapsed += window_elapsed
+        d = {name: after[name] - before[name] for name in after}
+        tiles += d["ctsr_worker_batch_tiles_sum"]
+        passes += d["ctsr_worker_batch_tiles_count"]
+        infer += d["ctsr_worker_inference_seconds_sum"]
+        batches += d["ctsr_worker_inference_seconds_count"]
+        formed = d["ctsr_worker_batch_tiles_sum"] / max(d["ctsr_worker_batch_tiles_count"], 1)
+        batches_formed.append(max(1, round(formed)))
+        bare_rates.append(bare.window(batches_formed[-1], args.bare_seconds))
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
+    img_s, bare_img_s = len(latencies) / elapsed, statistics.median(bare_rates)
+    row = {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": bad,
+        "img_s": round(img_s, 3),
+        "p50_s": round(statistics.median(latencies), 4),
+        "p99_s": round(q[98], 4),
+        "mean_batch_tiles": round(tiles / passes, 2) if passes else 0.0,
+        # the worker loop's time per pulled group: decode, model, colour fix (+ encode, store inline)
+        "worker_s_per_batch": round(infer / batches, 4) if batches else 0.0,
+        "bare_windows_img_s": [round(r, 3) for r in bare_rates],
+        "bare_windows_batch": batches_formed,
+        "bare_img_s_at_batch": round(bare_img_s, 3),
+        "service_over_bare": round(img_s / bare_img_s, 3),
+    }
+    if clients == 1:  # a lone request's cost beyond the model (HTTP, queue, notification)
+        row["overhead_p50_vs_bare_s"] = round(row["p50_s"] - batches_formed[0] / bare_img_s, 4)
+        row["overhead_p50_vs_worker_s"] = round(row["p50_s"] - row["worker_s_per_batch"], 4)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
-    p.add_argument("--seconds", type=float, default=20.0, help="per concurrency level")
+    p.add_argument("--seconds", type=float, default=24.0, help="service time per concurrency level, all rounds")
+    p.add_argument("--rounds", type=int, default=3, help="service windows per level, each followed by a bare one")
     p.add_argument("--side", type=int, default=128, help="LR side (output is 4x)")
     p.add_argument("--max-batch", type=int, help="CTSR_MAX_BATCH; default: the worker's (1 on a CPU, 8 on a GPU)")
     p.add_argument("--batch-wait-ms", type=int, default=20)
     p.add_argument("--model", help="checkpoint folder or bundled name (rrdb, compact); default: --preset")
     p.add_argument("--preset", default="compact-x4", help="a freshly initialised preset, when no --model")
-    p.add_argument("--bare-seconds", type=float, default=8.0, help="one bare-model timing window (3 per batch size)")
+    p.add_argument("--bare-seconds", type=float, default=5.0, help="one bare window, after each service window")
     p.add_argument("--device", default="cpu", help="the worker's and the bare model's device (cpu, cuda)")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16")
     p.add_argument("--json", type=Path)
@@ -232,6 +282,7 @@ def main() -> None:
     body = png(args.side, 0)
     rows = []
 
+    bare = BareModel(model, args.side, args.device, args.dtype)
     port, metrics_port = free_port(), free_port()
     server = start(args, model, True, port, metrics_port)
     url = f"http://127.0.0.1:{port}"
@@ -240,42 +291,10 @@ def main() -> None:
             raise SystemExit(f"ctsr serve did not become ready; its log:\n{server_log(server)}")
         asyncio.run(drive(url, 1, 3, body, wait=True))  # warm the path
         for clients in args.clients:
-            tiles0 = scrape(metrics_port, "ctsr_worker_batch_tiles_sum")
-            passes0 = scrape(metrics_port, "ctsr_worker_batch_tiles_count")
-            infer0 = scrape(metrics_port, "ctsr_worker_inference_seconds_sum")
-            batches0 = scrape(metrics_port, "ctsr_worker_inference_seconds_count")
-            latencies, bad, elapsed = asyncio.run(drive(url, clients, args.seconds, body, wait=True))
-            tiles = scrape(metrics_port, "ctsr_worker_batch_tiles_sum") - tiles0
-            passes = scrape(metrics_port, "ctsr_worker_batch_tiles_count") - passes0
-            infer = scrape(metrics_port, "ctsr_worker_inference_seconds_sum") - infer0
-            batches = scrape(metrics_port, "ctsr_worker_inference_seconds_count") - batches0
-            q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
-            rows.append({
-                "clients": clients,
-                "requests": len(latencies),
-                "errors": bad,
-                "img_s": round(len(latencies) / elapsed, 3),
-                "p50_s": round(statistics.median(latencies), 4),
-                "p99_s": round(q[98], 4),
-                "mean_batch_tiles": round(tiles / passes, 2) if passes else 0.0,
-                # the worker loop's time per pulled group: decode, model, colour fix (+ encode, store inline)
-                "worker_s_per_batch": round(infer / batches, 4) if batches else 0.0,
-            })  # fmt: skip
+            rows.append(measure_level(args, url, metrics_port, clients, body, bare))
             print(rows[-1], flush=True)
     finally:
         stop(server)
-
-    # the bare model at the batch the worker actually formed, after the server is gone
-    formed = sorted({max(1, round(row["mean_batch_tiles"])) for row in rows})
-    bare_at = bare_rates(model, formed, args.side, args.bare_seconds, args.device, args.dtype)
-    for row in rows:
-        batch = max(1, round(row["mean_batch_tiles"]))
-        bare = bare_at[batch]
-        row["bare_img_s_at_batch"] = round(bare, 3)
-        row["service_over_bare"] = round(row["img_s"] / bare, 3)
-        if row["clients"] == 1:  # a lone request's cost beyond the model (HTTP, queue, notification)
-            row["overhead_p50_vs_bare_s"] = round(row["p50_s"] - batch / bare, 4)
-            row["overhead_p50_vs_worker_s"] = round(row["p50_s"] - row["worker_s_per_batch"], 4)
 
     port = free_port()
     gateway = start(args, model, False, port, 0)
