@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import StudentConfig, parse_arch
 from ..errors import ConfigError
 from ..registry import ARCH_REGISTRY
+from ..resample import bicubic_upscale
 from ..student import CTSRStudent
 from .blocks import PixelShuffleUpsampler, conv_trunk
 
@@ -149,7 +149,7 @@ class CompactStudent(CTSRStudent):
         if not self.arch.lr_skip:
             return (x + 1) / 2
         lr = z[:, c : c + 3]
-        return x / 2 + F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return x / 2 + bicubic_upscale(lr, self.scale)
 
     def _decode_film(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """``self.decoder`` with :class:`PathModulation` after its trunk's first conv, blocks and last conv."""

@@ -46,6 +46,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from ..config import StudentConfig, parse_arch, read_json_object
 from ..errors import CheckpointError, ConfigError
 from ..registry import ARCH_REGISTRY
+from ..resample import bicubic_upscale
 from ..student import CTSRStudent
 from .lora import base_keys, copy_named_tensors, lora_config, merge_and_strip
 
@@ -246,7 +247,7 @@ class SD21Student(CTSRStudent):
         return self.prompt_embeds.to(dtype).expand(batch, -1, -1)
 
     def encode(self, lr: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        x = bicubic_upscale(lr, self.scale)
         x = (x * 2 - 1).clamp(-1, 1)
         z: torch.Tensor = self.vae.encode(x).latent_dist.mode() * self.vae.config["scaling_factor"]
         t = torch.full((z.shape[0],), self.arch.timestep, device=z.device, dtype=torch.long)
