@@ -108,3 +108,13 @@ def test_strips_that_do_not_continue_the_image_are_refused() -> None:
         encode_png([np.zeros((2, 4, 3), np.uint8), np.zeros((2, 5, 3), np.uint8)])
     with pytest.raises(ValueError, match="empty"):
         encode_png([])
+
+
+def test_zlib_ng_deflates_the_same_bytes_as_the_system_zlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model extra installs zlib-ng (twice as fast here); files must not depend on which ran."""
+    assert png.zlib.__name__ == "zlib_ng.zlib_ng"
+    y, x = np.mgrid[0:96, 0:128]
+    pixels = np.clip(np.stack([x, y, x + y], -1) + RNG.integers(-9, 10, (96, 128, 3)), 0, 255).astype(np.uint8)
+    fast = encode_png(pixels)
+    monkeypatch.setattr(png, "zlib", zlib)
+    assert encode_png(pixels) == fast
