@@ -3,11 +3,11 @@
 Pillow's PNG encoder tries all five row filters on every row and deflates with LZ77 matching.
 At ``compress_level=1`` (what the worker used) a 512² compact result took it 23 ms (median of
 27 photos) on this 2-core CPU: a tenth of the job, spent after the forward pass. An Up-filtered
-photo is mostly small residuals, which Huffman coding alone packs well: this writer takes 8 ms
-(2.3-4.1x faster) and its files are 8 % smaller in all (-18 % to +3 % per photo); on noise,
-where nothing compresses, 7 % larger. ``python benchmarks/bench_png.py runs/photos``. The
-deflate is zlib-ng's (PyPI ``zlib-ng``) where installed: the same stream, byte for byte, in about
-half the time of the system zlib (median of the 27 photos' results: 6.1 → 3.2 ms). numpy and
+photo is mostly small residuals, which Huffman coding alone packs well: this writer takes 3.8 ms
+(4.5-8.4x faster; 8.2 ms with the system zlib) and its files are 8 % smaller in all (-18 % to
++3 % per photo); on noise, where nothing compresses, 7 % larger. ``python
+benchmarks/bench_png.py runs/photos``. The deflate is zlib-ng's (PyPI ``zlib-ng``) where
+installed: the same stream, byte for byte, in about half the time of the system zlib. numpy and
 both zlibs release the GIL, so the worker's encoder threads run side by side. Rows are filtered
 and compressed in strips, so the extra memory stays small for huge results.
 """
