@@ -27,22 +27,25 @@ def _cubic(x: float) -> float:
 
 
 @functools.cache
-def _phase_taps(scale: int) -> torch.Tensor:
-    """``[scale, 5]``: output phase ``p`` of input pixel ``i`` reads inputs ``i-2 .. i+2``."""
+def _kernel(scale: int, channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[channels * scale², 1, 5, 5]``: output phase ``(py, px)`` of input pixel ``(i, j)`` reads
+    inputs ``i-2 .. i+2``, ``j-2 .. j+2``. Made once per device and dtype (no copy per call)."""
     rows = []
     for p in range(scale):
         source = (p + 0.5) / scale - 0.5  # relative to i, as align_corners=False maps it
         rows.append([_cubic(source - k) for k in range(-2, 3)])
-    return torch.tensor(rows, dtype=torch.float64)
+    # a normal tensor even when first asked for under inference mode: training may reuse it
+    with torch.inference_mode(False):
+        taps = torch.tensor(rows, dtype=torch.float64)
+        kernel = (taps[:, None, :, None] * taps[None, :, None, :]).reshape(scale * scale, 1, 5, 5)
+        return kernel.repeat(channels, 1, 1, 1).to(device, dtype)
 
 
 def bicubic_upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)`` for ``[N, C, H, W]``."""
     if scale == 1:
         return x
-    taps = _phase_taps(scale)
     channels = x.shape[1]
-    kernel = (taps[:, None, :, None] * taps[None, :, None, :]).reshape(scale * scale, 1, 5, 5)
-    kernel = kernel.to(x.device, x.dtype).repeat(channels, 1, 1, 1)
+    kernel = _kernel(scale, channels, x.device, x.dtype)
     y = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=channels)
     return F.pixel_shuffle(y, scale)
