@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .defaults import COLOR_FIXES
 from .errors import ConfigError
+from .resample import bicubic_upscale
 
 WAVELET_LEVELS = 5
 
@@ -46,12 +47,17 @@ def _low_frequency(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     return x
 
 
-def wavelet_color_fix(out: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """``out - low(out) + low(ref)`` with ``ref`` the upsampled ``lr``: one pyramid on the
-    difference (the blur is linear), run at LR size on ``lr - mean of out's scale² blocks``."""
+def _scale(out: torch.Tensor, lr: torch.Tensor) -> int:
     scale = out.shape[-1] // lr.shape[-1]
     if out.shape[-2:] != (lr.shape[-2] * scale, lr.shape[-1] * scale):
         raise ValueError(f"output {tuple(out.shape[-2:])} is not a whole multiple of LR {tuple(lr.shape[-2:])}")
+    return scale
+
+
+def wavelet_color_fix(out: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """``out - low(out) + low(ref)`` with ``ref`` the upsampled ``lr``: one pyramid on the
+    difference (the blur is linear), run at LR size on ``lr - mean of out's scale² blocks``."""
+    scale = _scale(out, lr)
     widest = 2 ** (WAVELET_LEVELS - 1)  # the full-size pyramid's last dilation, in output pixels
     dilations = [2**i for i in range(WAVELET_LEVELS) if 2**i * scale <= widest]
     low = _low_frequency(lr - F.avg_pool2d(out, scale), dilations)
@@ -77,8 +83,7 @@ def apply_color_fix(out: torch.Tensor, lr: torch.Tensor, methods: Sequence[str])
     lr = lr.to(torch.float32, memory_format=torch.contiguous_format)
 
     def adain(o: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
-        ref = F.interpolate(small, size=o.shape[-2:], mode="bicubic", align_corners=False).clamp_(0, 1)
-        return adain_color_fix(o, ref)
+        return adain_color_fix(o, bicubic_upscale(small, _scale(o, small)).clamp_(0, 1))
 
     for method, fn in (("wavelet", wavelet_color_fix), ("adain", adain)):
         idx = [i for i, m in enumerate(methods) if m == method]
