@@ -144,19 +144,27 @@ def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out[0].clamp(0, 1)
 
 
-#: Rows converted at a time: a result's float → 8/16-bit conversion needs temporaries of one
-#: strip, not of the whole image (a 4096² float result is 200 MB). Small strips because glibc
-#: keeps their freed blocks: at 256 rows the encoding of a 4096² result raised the worker's peak
-#: by 130 MB over its forward passes, at 64 rows by 36 MB, in the same time (7 ms for 512²).
-STRIP_ROWS = 64
+#: Pixels converted at a time: a result's float → 8/16-bit conversion needs temporaries of one
+#: strip of rows, not of the whole image (a 4096² float result is 200 MB). Small strips because
+#: glibc keeps their freed blocks, in each encoder thread's arena: at 256 rows of 4096 the
+#: encoding raised the worker's peak by 130 MB over its forward passes, at 64 rows by 36 MB; with
+#: two encoder threads on one result, 64 rows raised the 4096² job's peak by 40 MB more than 32.
+#: Narrow results get taller strips (fewer, cheaper calls: a 512² result is a few strips).
+STRIP_PIXELS = 1 << 17
+
+
+def strip_rows(width: int) -> int:
+    """Rows per strip for a result ``width`` pixels wide."""
+    return max(1, STRIP_PIXELS // max(width, 1))
 
 
 def quantized_strips(rgb: torch.Tensor, grey: bool = False) -> Iterator[np.ndarray]:
     """``[3, H, W]`` floats → uint8 ``[rows, W, 3]`` (or uint16 ``[rows, W]`` luma) strips, top to bottom."""
-    for top in range(0, rgb.shape[-2], STRIP_ROWS):
+    step = strip_rows(rgb.shape[-1])
+    for top in range(0, rgb.shape[-2], step):
         # one float copy per strip, worked on in place: every temporary here is a strip-sized
         # block that the allocator keeps around once the result is written
-        strip = rgb[:, top : top + STRIP_ROWS].detach().to("cpu", torch.float32, copy=True).clamp_(0, 1)
+        strip = rgb[:, top : top + step].detach().to("cpu", torch.float32, copy=True).clamp_(0, 1)
         if grey:
             luma = (0.299 * strip[0] + 0.587 * strip[1] + 0.114 * strip[2]) * 65535
             yield luma.round().numpy().astype(np.uint16)
@@ -169,8 +177,10 @@ def quantized(rgb: torch.Tensor, grey: bool = False) -> np.ndarray:
     """``[3, H, W]`` floats → uint8 ``[H, W, 3]`` (or uint16 ``[H, W]`` luma), a strip at a time."""
     h, w = rgb.shape[-2:]
     out = np.empty((h, w) if grey else (h, w, 3), dtype=np.uint16 if grey else np.uint8)
-    for top, strip in zip(range(0, h, STRIP_ROWS), quantized_strips(rgb, grey), strict=True):
-        out[top : top + STRIP_ROWS] = strip
+    top = 0
+    for strip in quantized_strips(rgb, grey):
+        out[top : top + len(strip)] = strip
+        top += len(strip)
     return out
 
 

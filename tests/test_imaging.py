@@ -259,7 +259,7 @@ def test_upscale_alpha_and_to_pil() -> None:
 
 def test_to_pil_converts_in_strips_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Large results are quantised a few rows at a time; strips meet without a seam (8- and 16-bit)."""
-    monkeypatch.setattr("models.imaging.STRIP_ROWS", 4)
+    monkeypatch.setattr("models.imaging.STRIP_PIXELS", 4 * 6)  # strips of 4 rows
     rgb = torch.rand(3, 11, 6, dtype=torch.float64) * 1.2 - 0.1
     expected = (rgb.float().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     np.testing.assert_array_equal(np.asarray(to_pil(rgb)), expected)

@@ -1,6 +1,7 @@
 """The worker's PNG writer: every mode it is given decodes to the same pixels, in any number of strips."""
 
 import io
+import itertools
 import zlib
 
 import numpy as np
@@ -81,17 +82,56 @@ def test_what_png_cannot_hold_is_refused(pixels: np.ndarray) -> None:
         encode_png(pixels)
 
 
-def test_the_stream_is_one_valid_zlib_stream() -> None:
-    pixels = RNG.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-    data = encode_png(pixels)
+def idat_stream(data: bytes) -> bytes:
     idat, pos = b"", 8
     while pos < len(data):
         length = int.from_bytes(data[pos : pos + 4], "big")
         if data[pos + 4 : pos + 8] == b"IDAT":
             idat += data[pos + 8 : pos + 8 + length]
         pos += 12 + length
-    raw = zlib.decompress(idat)
+    return idat
+
+
+def test_the_stream_is_one_valid_zlib_stream() -> None:
+    pixels = RNG.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    raw = zlib.decompress(idat_stream(encode_png(pixels)))  # checks the Adler-32 too
     assert len(raw) == 16 * (1 + 16 * 3) and raw[0] == 2  # every row: the Up filter
+
+
+@pytest.mark.parametrize("cuts", [(1,), (5, 6), (3, 9, 10), tuple(range(1, 17))])
+def test_bands_deflated_apart_join_into_one_valid_stream(cuts: tuple[int, ...]) -> None:
+    """What the worker's encoder threads do with one result: each band of rows is filtered against
+    the row above it and deflated on its own; the joined file is one zlib stream whose Adler-32
+    (checked by zlib) and pixels are the whole image's."""
+    pixels = RNG.integers(0, 256, size=(17, 11, 3), dtype=np.uint8)
+    pixels[8:12] = pixels[7]  # equal rows across a cut: zeros after the Up filter
+    edges = [0, *cuts, 17]
+    bands = [
+        png.deflate_band([pixels[top:bottom]], above=pixels[:top] if top else None)
+        for top, bottom in itertools.pairwise(edges)
+    ]
+    data = png.assemble_png(bands)
+    assert np.array_equal(decoded(data), pixels)
+    assert zlib.decompress(idat_stream(data)) == zlib.decompress(idat_stream(encode_png(pixels)))
+    grey = RNG.integers(0, 65536, size=(9, 6), dtype=np.uint16)
+    bands = [png.deflate_band([grey[:4]]), png.deflate_band([grey[4:7], grey[7:]], above=grey[:4])]
+    assert np.array_equal(decoded(png.assemble_png(bands)), grey)
+
+
+def test_adler32_of_joined_bytes_from_the_parts() -> None:
+    for first, second in [(b"", b""), (b"abc", b""), (b"", b"xyz"), (RNG.bytes(70000), RNG.bytes(123457))]:
+        combined = png._adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second))
+        assert combined == zlib.adler32(first + second)
+
+
+def test_bands_of_different_images_are_refused() -> None:
+    rgb, rgba = np.zeros((2, 4, 3), np.uint8), np.zeros((2, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match="does not continue"):
+        png.assemble_png([png.deflate_band([rgb]), png.deflate_band([rgba])])
+    with pytest.raises(ValueError, match="row above the band"):
+        png.deflate_band([rgb], above=np.zeros((1, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        png.assemble_png([])
 
 
 def test_strips_from_an_iterable_make_the_same_file() -> None:

@@ -246,6 +246,37 @@ def test_png_results_hold_exactly_the_quantized_pixels(engine: BatchEngine, mode
     assert np.array_equal(np.asarray(served), np.asarray(to_pil(sr[0], image.mode, alpha)))
 
 
+def test_a_png_result_is_deflated_in_bands_across_the_encoder_threads(
+    engine: BatchEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One tall result, 4 encoder threads: bands of whole strips that cover every row once, each
+    deflated on its own, joined into the file that holds exactly the quantized pixels."""
+    import worker.engine
+
+    monkeypatch.setattr(engine, "encode_threads", 4)
+    monkeypatch.setattr("models.imaging.STRIP_PIXELS", 64 * 40)  # strips of 64 rows of 40
+    assert worker.engine.png_bands(300, 40, 4) == [(0, 128), (128, 256), (256, 300)]
+    assert worker.engine.png_bands(64, 40, 4) == [(0, 64)] and worker.engine.png_bands(1, 40, 2) == [(0, 1)]
+    made: list[tuple[int, int]] = []
+    real = worker.engine.png_band
+
+    def recording(rgb: torch.Tensor, top: int, bottom: int, grey: bool) -> Any:
+        made.append((top, bottom))
+        return real(rgb, top, bottom, grey)
+
+    monkeypatch.setattr(worker.engine, "png_band", recording)
+    for mode in ("RGB", "I;16"):
+        made.clear()
+        image = engine.decode(encode(Image.new(mode, (10, 75)), "PNG"))
+        sr = torch.rand(2, 3, 300, 40)
+        payload = JobPayload(new_job_id(), [0.0, 1.0], "png", width=10, height=75)
+        out = engine.start_encoding(payload, image, sr).result()
+        assert not isinstance(out, Exception)
+        assert sorted(made) == sorted(worker.engine.png_bands(300, 40, 4) * 2)
+        for rgb, data in zip(sr, out.images.values(), strict=True):
+            assert np.array_equal(np.asarray(decode(data)), np.asarray(to_pil(rgb, image.mode)))
+
+
 def test_batch_size_defaults_by_device(small_compact_ckpt: Path) -> None:
     """Unset, a CPU worker runs one tile per forward pass (batches only cost it more per tile);
     an accelerator batches 8; a set CTSR_MAX_BATCH wins."""

@@ -3,19 +3,21 @@
 Built on ``models.pipeline``: every job's image is cut into fixed-size tiles, and tiles of
 different jobs (different sizes, alphas and colour fixes) fill the same batches. Encoding the
 results is the worker's largest piece of work beside the model, so every alpha of every job of a
-batch is encoded at once in a thread pool (PNG by ``models.png``, 3x faster than Pillow's; JPEG
-and WebP by Pillow; all release the GIL); on an accelerator a job's encoding starts while the
-batch's later forward passes run.
+batch is encoded at once in a thread pool (PNG by ``models.png``, 3x faster than Pillow's and in
+bands of rows on every encoder thread at once; JPEG and WebP by Pillow; all release the GIL); on an
+accelerator a job's encoding starts while the batch's later forward passes run.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +27,9 @@ from ctsr.contract import JobPayload, alpha_label
 from ctsr.settings import Settings
 from models import load_student
 from models.errors import CTSRError
-from models.imaging import LoadedImage, load_image, quantized_strips, to_pil
+from models.imaging import LoadedImage, load_image, quantized_strips, strip_rows, to_pil
 from models.pipeline import TileRunner, UpscaleJob, Upscaler, output_alpha
-from models.png import encode_png
+from models.png import Band, assemble_png, deflate_band, encode_png
 from models.presets import resolve_model
 
 from .memory import TRIM_ABOVE_MB, fix_mmap_threshold, release_free_memory
@@ -46,25 +48,31 @@ class EncodedOutputs:
 
 @dataclass
 class Encoding:
-    """A job's images being encoded on the engine's threads."""
+    """A job's images being encoded on the engine's threads: per alpha, the parts being made (a
+    PNG's bands of rows, or the whole encoded image) and how they join into the file."""
 
     payload: JobPayload
-    futures: list[Future[bytes]]
+    parts: list[list[Future[Any]]]
+    join: Callable[[list[Any]], bytes]
     width: int
     height: int
 
     def result(self) -> EncodedOutputs | EncodeError:
         """Wait for every alpha; an alpha its format cannot hold fails the job (other errors raise)."""
         try:
-            images = {alpha_label(a): f.result() for a, f in zip(self.payload.alphas, self.futures, strict=True)}
+            images = {
+                alpha_label(a): self.join([f.result() for f in futures])
+                for a, futures in zip(self.payload.alphas, self.parts, strict=True)
+            }
         except EncodeError as exc:
             self.cancel()  # the job has failed; its other alphas need not be encoded
             return exc
         return EncodedOutputs(images, self.width, self.height)
 
     def cancel(self) -> None:
-        for f in self.futures:
-            f.cancel()
+        for futures in self.parts:
+            for f in futures:
+                f.cancel()
 
 
 class BatchEngine:
@@ -82,8 +90,8 @@ class BatchEngine:
         self.max_batch = settings.max_batch or self.default_max_batch(self.runner.device)
         self.upscaler = Upscaler(self.runner, tile=settings.tile, max_batch=self.max_batch)
         self.forward_passes = 0
-        threads = settings.encode_threads or min(os.cpu_count() or 1, 8)
-        self.encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ctsr-encode")
+        self.encode_threads = settings.encode_threads or min(os.cpu_count() or 1, 8)
+        self.encoders = ThreadPoolExecutor(max_workers=self.encode_threads, thread_name_prefix="ctsr-encode")
 
     @staticmethod
     def default_max_batch(device: torch.device) -> int:
@@ -133,10 +141,16 @@ class BatchEngine:
         return self.upscaler.run(work, progress=progress, on_result=on_result)
 
     def start_encoding(self, payload: JobPayload, image: LoadedImage, sr: torch.Tensor) -> Encoding:
-        """Hand a job's SR tensors ``[A, 3, H, W]`` to the encoder threads, every alpha at once."""
+        """Hand a job's SR tensors ``[A, 3, H, W]`` to the encoder threads, every alpha at once; a
+        PNG result in bands of rows, one per encoder thread, so even one image keeps them all busy."""
+        height, width = sr.shape[-2:]
+        if payload.format == "png" and image.mode in ("RGB", "I;16"):
+            grey, bands = image.mode == "I;16", png_bands(height, width, self.encode_threads)
+            parts = [[self.encoders.submit(png_band, rgb, *rows, grey) for rows in bands] for rgb in sr]
+            return Encoding(payload, parts, assemble_png, width, height)
         alpha = output_alpha(image, sr)
-        futures = [self.encoders.submit(_encode_one, rgb, image.mode, alpha, payload) for rgb in sr]
-        return Encoding(payload, futures, width=sr.shape[-1], height=sr.shape[-2])
+        whole = [[self.encoders.submit(_encode_one, rgb, image.mode, alpha, payload)] for rgb in sr]
+        return Encoding(payload, whole, _only, width, height)
 
     def warmup(self) -> float:
         """One real forward pass at the serving tile size (and its compile, if enabled)."""
@@ -146,12 +160,28 @@ class BatchEngine:
         return time.perf_counter() - start
 
 
+def png_bands(height: int, width: int, threads: int) -> list[tuple[int, int]]:
+    """Rows ``[top, bottom)`` of an output's PNG bands: one per encoder thread, in whole strips."""
+    rows = strip_rows(width)
+    step = max(1, math.ceil(height / threads / rows)) * rows
+    return [(top, min(top + step, height)) for top in range(0, height, step)]
+
+
+def png_band(rgb: torch.Tensor, top: int, bottom: int, grey: bool) -> Band:
+    """Rows ``[top, bottom)`` of one alpha's SR tensor → a deflated PNG band (in an encoder thread).
+    Quantized and written a strip of rows at a time: the 8-bit image (50 MB at 4096²), a Pillow
+    copy of it and an array of that are never made."""
+    above = next(quantized_strips(rgb[:, top - 1 : top], grey)) if top else None
+    return deflate_band(quantized_strips(rgb[:, top:bottom], grey), above)
+
+
+def _only(parts: list[Any]) -> bytes:
+    (image,) = parts
+    return bytes(image)
+
+
 def _encode_one(rgb: torch.Tensor, mode: str, alpha: torch.Tensor | None, payload: JobPayload) -> bytes:
     """One alpha's SR tensor → the encoded image (in an encoder thread)."""
-    if payload.format == "png" and mode in ("RGB", "I;16"):
-        # quantized and written a strip of rows at a time: the 8-bit image (50 MB at 4096²), a
-        # Pillow copy of it and an array of that are never made
-        return encode_png(quantized_strips(rgb, grey=mode == "I;16"))
     pil = to_pil(rgb, mode, alpha)
     buf = io.BytesIO()
     try:
