@@ -118,8 +118,9 @@ class Settings(BaseSettings):
     #: idle service goes at once).
     max_batch_wait_ms: int = Field(20, ge=0)
     max_jobs_per_pull: int = Field(16, ge=1)
-    #: Threads that turn a batch's results into PNG/WebP/JPEG, every alpha of every job at once
-    #: (the encoders release the GIL). 0: one per CPU core, at most 8.
+    #: Threads that turn a batch's results into PNG/WebP/JPEG, every alpha of every job at once,
+    #: and a PNG result in one band of rows per thread (the encoders release the GIL). 0: one per
+    #: CPU core, at most 8.
     encode_threads: int = Field(0, ge=0, le=64)
     #: Store a batch's outputs and finish its jobs on a thread while the next batch runs. Unset: only
     #: on an accelerator (on a CPU both would share the model's cores).
