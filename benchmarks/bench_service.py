@@ -7,7 +7,9 @@ drives it with asyncio httpx clients at several concurrency levels (each client:
 with ``Prefer: wait`` → the 4× PNG), and reports throughput, p50/p99 latency and the worker's
 mean batch, beside the bare model's images/s at that batch size measured in this process: each
 level runs ``--rounds`` service windows, each followed by a bare window (the worker idle), so a
-drift of the machine's speed moves both sides of the ratio alike. A
+drift of the machine's speed moves both sides of the ratio alike (each window's own ratio is kept
+too). It also reports the cores that the worker, the gateway, Redis and this load generator used
+during the service windows (psutil): on a shared machine that is where the model's cores go. A
 second phase measures how many uploads/s the gateway alone accepts (no worker, jobs queued),
 with the asyncio client and, when the Debian package ``wrk`` is installed, with wrk (a C load
 generator that leaves the CPU to the gateway).
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 from PIL import Image
 
@@ -205,6 +208,40 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def stack(server: subprocess.Popen) -> dict[str, psutil.Process]:
+    """The processes sharing this machine's cores during a service window: the gateway (``ctsr
+    serve`` itself), its worker and embedded redis-server, and this load generator."""
+    serve = psutil.Process(server.pid)
+    found = {"gateway": serve, "client": psutil.Process()}
+    for child in serve.children():
+        cmd = " ".join(child.cmdline())
+        found["redis" if "redis-server" in cmd else "worker" if " worker" in cmd else child.name()] = child
+    return found
+
+
+def redis_commands(server: subprocess.Popen) -> int:
+    """Commands the embedded Redis of ``ctsr serve`` has processed so far (gateway and worker)."""
+    import redis
+
+    client = redis.Redis(unix_socket_path=str(LOGS[server.pid].parent / "redis.sock"))
+    try:
+        return int(client.info("stats")["total_commands_processed"])
+    finally:
+        client.close()
+
+
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU seconds so far, per process (a process that is gone reads 0)."""
+    out = {}
+    for name, proc in processes.items():
+        try:
+            times = proc.cpu_times()
+            out[name] = times.user + times.system
+        except psutil.NoSuchProcess:
+            out[name] = 0.0
+    return out
+
+
 def metric_sums(port: int) -> dict[str, float]:
     names = ("ctsr_worker_batch_tiles_sum", "ctsr_worker_batch_tiles_count",
              "ctsr_worker_inference_seconds_sum", "ctsr_worker_inference_seconds_count")  # fmt: skip
@@ -212,18 +249,31 @@ def metric_sums(port: int) -> dict[str, float]:
 
 
 def measure_level(
-    args: argparse.Namespace, url: str, metrics_port: int, clients: int, body: bytes, bare: BareModel
+    args: argparse.Namespace,
+    url: str,
+    metrics_port: int,
+    clients: int,
+    body: bytes,
+    bare: BareModel,
+    processes: dict[str, psutil.Process],
+    server: subprocess.Popen,
 ) -> dict:
     """``args.rounds`` service windows at ``clients``, each followed by a bare-model window at the
     batch size the worker formed in it (the worker is idle then, blocked on its queue)."""
     latencies: list[float] = []
-    bad, elapsed, bare_rates, batches_formed = 0, 0.0, [], []
+    bad, elapsed, bare_rates, batches_formed, window_rates = 0, 0.0, [], [], []
     tiles = passes = infer = batches = 0.0
+    cpu = dict.fromkeys(processes, 0.0)
+    commands = 0
     for _ in range(args.rounds):
-        before = metric_sums(metrics_port)
+        before, cpu_before, commands_before = metric_sums(metrics_port), cpu_seconds(processes), redis_commands(server)
         window, window_bad, window_elapsed = asyncio.run(drive(url, clients, args.seconds / args.rounds, body, True))
-        after = metric_sums(metrics_port)
+        after, cpu_after = metric_sums(metrics_port), cpu_seconds(processes)
+        commands += redis_commands(server) - commands_before - 1  # less this count's own INFO
+        for name in cpu:
+            cpu[name] += cpu_after[name] - cpu_before[name]
         latencies += window
+        window_rates.append(len(window) / window_elapsed)
         bad += window_bad
         elapsed += window_elapsed
         d = {name: after[name] - before[name] for name in after}
@@ -250,6 +300,11 @@ def measure_level(
         "bare_windows_batch": batches_formed,
         "bare_img_s_at_batch": round(bare_img_s, 3),
         "service_over_bare": round(img_s / bare_img_s, 3),
+        # each service window against the bare window right after it: how far the ratio moves
+        "window_ratios": [round(r / b, 3) for r, b in zip(window_rates, bare_rates, strict=True)],
+        # cores each process used during the service windows (the machine has os.cpu_count())
+        "cpu_cores": {name: round(seconds / elapsed, 3) for name, seconds in cpu.items()},
+        "redis_commands_per_request": round(commands / max(len(latencies) + bad, 1), 1),
     }
     if clients == 1:  # a lone request's cost beyond the model (HTTP, queue, notification)
         row["overhead_p50_vs_bare_s"] = round(row["p50_s"] - batches_formed[0] / bare_img_s, 4)
@@ -290,8 +345,9 @@ def main() -> None:
         if not wait_ready(url, 180):
             raise SystemExit(f"ctsr serve did not become ready; its log:\n{server_log(server)}")
         asyncio.run(drive(url, 1, 3, body, wait=True))  # warm the path
+        processes = stack(server)
         for clients in args.clients:
-            rows.append(measure_level(args, url, metrics_port, clients, body, bare))
+            rows.append(measure_level(args, url, metrics_port, clients, body, bare, processes, server))
             print(rows[-1], flush=True)
     finally:
         stop(server)
@@ -321,15 +377,20 @@ def main() -> None:
     finally:
         stop(gateway)
 
-    print(f"\n{'clients':>7} {'img/s':>8} {'bare img/s':>10} {'ratio':>6} {'p50 s':>7} {'p99 s':>7} {'batch':>6}")
+    print(f"\n{'clients':>7} {'img/s':>8} {'bare img/s':>10} {'ratio':>6} {'per window':>20} {'p50 s':>7} "
+          f"{'p99 s':>7} {'batch':>6} {'worker/gateway/redis/client cores':>34}")  # fmt: skip
     for r in rows:
+        windows = " ".join(f"{x:.0%}" for x in r["window_ratios"])
+        cores = " / ".join(f"{r['cpu_cores'].get(name, 0):.2f}" for name in ("worker", "gateway", "redis", "client"))
         print(f"{r['clients']:>7} {r['img_s']:>8.2f} {r['bare_img_s_at_batch']:>10.2f} {r['service_over_bare']:>6.1%} "
-              f"{r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['mean_batch_tiles']:>6.2f}")  # fmt: skip
+              f"{windows:>20} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['mean_batch_tiles']:>6.2f} "
+              f"{cores:>34}")  # fmt: skip
     if args.json:
         result = {"model": str(args.model or args.preset), "lr_side": args.side, "max_batch": args.max_batch,
                   "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                   "finish_in_background": os.environ.get("CTSR_FINISH_IN_BACKGROUND", "unset"),
-                  "cpu_threads": torch.get_num_threads(), "rows": rows, "gateway_accept": accept}  # fmt: skip
+                  "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "rows": rows,
+                  "gateway_accept": accept}  # fmt: skip
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
 
