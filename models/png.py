@@ -44,9 +44,14 @@ class Band:
 
     chunks: list[bytes]
     adler: int  # Adler-32 of the filtered bytes
-    size: int  # filtered bytes
     rows: int
     layout: tuple[int, int, int]  # width, channels, bytes per sample
+
+    @property
+    def size(self) -> int:
+        """Filtered bytes: each row's samples and its filter byte."""
+        width, channels, itemsize = self.layout
+        return self.rows * (1 + width * channels * itemsize)
 
 
 def deflate_band(strips: Iterable[np.ndarray], above: np.ndarray | None = None) -> Band:
@@ -54,7 +59,7 @@ def deflate_band(strips: Iterable[np.ndarray], above: np.ndarray | None = None) 
     strip whose last row is the one just above the band (None for the first band), for the Up filter."""
     deflate = zlib.compressobj(zlib.Z_BEST_SPEED, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
     chunks: list[bytes] = []
-    adler, size, rows_done = 1, 0, 0
+    adler, rows_done = 1, 0
     layout: tuple[int, int, int] | None = None
     previous = None if above is None else _bytes(_checked(above))[-1]
     for strip in strips:
@@ -73,12 +78,12 @@ def deflate_band(strips: Iterable[np.ndarray], above: np.ndarray | None = None) 
         filtered[0, 1:] = rows[0] if previous is None else rows[0] - previous
         np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
         previous, rows_done = rows[-1], rows_done + len(rows)
-        adler, size = zlib.adler32(filtered.data, adler), size + filtered.size
+        adler = zlib.adler32(filtered.data, adler)
         chunks.append(_chunk(b"IDAT", deflate.compress(filtered.data)))
     if layout is None:
         raise ValueError("cannot write an empty image as PNG")
     chunks.append(_chunk(b"IDAT", deflate.flush(zlib.Z_SYNC_FLUSH)))  # ends on a byte boundary
-    return Band([c for c in chunks if c], adler, size, rows_done, layout)
+    return Band([c for c in chunks if c], adler, rows_done, layout)
 
 
 def assemble_png(bands: Sequence[Band]) -> bytes:
