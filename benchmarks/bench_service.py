@@ -208,38 +208,35 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def stack(server: subprocess.Popen) -> dict[str, psutil.Process]:
+class Stack:
     """The processes sharing this machine's cores during a service window: the gateway (``ctsr
-    serve`` itself), its worker and embedded redis-server, and this load generator."""
-    serve = psutil.Process(server.pid)
-    found = {"gateway": serve, "client": psutil.Process()}
-    for child in serve.children():
-        cmd = " ".join(child.cmdline())
-        found["redis" if "redis-server" in cmd else "worker" if " worker" in cmd else child.name()] = child
-    return found
+    serve`` itself), its worker and embedded redis-server, and this load generator; and one
+    connection to that Redis, for its command count."""
 
+    def __init__(self, server: subprocess.Popen) -> None:
+        import redis
 
-def redis_commands(server: subprocess.Popen) -> int:
-    """Commands the embedded Redis of ``ctsr serve`` has processed so far (gateway and worker)."""
-    import redis
+        serve = psutil.Process(server.pid)
+        self.processes = {"gateway": serve, "client": psutil.Process()}
+        for child in serve.children():
+            cmd = " ".join(child.cmdline())
+            self.processes["redis" if "redis-server" in cmd else "worker" if " worker" in cmd else child.name()] = child
+        self.redis = redis.Redis(unix_socket_path=str(LOGS[server.pid].parent / "redis.sock"))
 
-    client = redis.Redis(unix_socket_path=str(LOGS[server.pid].parent / "redis.sock"))
-    try:
-        return int(client.info("stats")["total_commands_processed"])
-    finally:
-        client.close()
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds so far, per process (a process that is gone reads 0)."""
+        out = {}
+        for name, proc in self.processes.items():
+            try:
+                times = proc.cpu_times()
+                out[name] = times.user + times.system
+            except psutil.NoSuchProcess:
+                out[name] = 0.0
+        return out
 
-
-def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
-    """User + system CPU seconds so far, per process (a process that is gone reads 0)."""
-    out = {}
-    for name, proc in processes.items():
-        try:
-            times = proc.cpu_times()
-            out[name] = times.user + times.system
-        except psutil.NoSuchProcess:
-            out[name] = 0.0
-    return out
+    def redis_commands(self) -> int:
+        """Commands Redis has processed so far (gateway and worker), this INFO not yet counted."""
+        return int(self.redis.info("stats")["total_commands_processed"])
 
 
 def metric_sums(port: int) -> dict[str, float]:
@@ -255,21 +252,20 @@ def measure_level(
     clients: int,
     body: bytes,
     bare: BareModel,
-    processes: dict[str, psutil.Process],
-    server: subprocess.Popen,
+    stack: Stack,
 ) -> dict:
     """``args.rounds`` service windows at ``clients``, each followed by a bare-model window at the
     batch size the worker formed in it (the worker is idle then, blocked on its queue)."""
     latencies: list[float] = []
     bad, elapsed, bare_rates, batches_formed, window_rates = 0, 0.0, [], [], []
     tiles = passes = infer = batches = 0.0
-    cpu = dict.fromkeys(processes, 0.0)
+    cpu = dict.fromkeys(stack.processes, 0.0)
     commands = 0
     for _ in range(args.rounds):
-        before, cpu_before, commands_before = metric_sums(metrics_port), cpu_seconds(processes), redis_commands(server)
+        before, cpu_before, commands_before = metric_sums(metrics_port), stack.cpu_seconds(), stack.redis_commands()
         window, window_bad, window_elapsed = asyncio.run(drive(url, clients, args.seconds / args.rounds, body, True))
-        after, cpu_after = metric_sums(metrics_port), cpu_seconds(processes)
-        commands += redis_commands(server) - commands_before - 1  # less this count's own INFO
+        after, cpu_after = metric_sums(metrics_port), stack.cpu_seconds()
+        commands += stack.redis_commands() - commands_before - 1  # less the first INFO
         for name in cpu:
             cpu[name] += cpu_after[name] - cpu_before[name]
         latencies += window
@@ -345,9 +341,9 @@ def main() -> None:
         if not wait_ready(url, 180):
             raise SystemExit(f"ctsr serve did not become ready; its log:\n{server_log(server)}")
         asyncio.run(drive(url, 1, 3, body, wait=True))  # warm the path
-        processes = stack(server)
+        stack = Stack(server)
         for clients in args.clients:
-            rows.append(measure_level(args, url, metrics_port, clients, body, bare, processes, server))
+            rows.append(measure_level(args, url, metrics_port, clients, body, bare, stack))
             print(rows[-1], flush=True)
     finally:
         stop(server)

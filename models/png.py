@@ -14,9 +14,9 @@ and compressed in strips, so the extra memory stays small for huge results.
 Huffman-only coding never refers back to earlier bytes, so bands of rows can be deflated apart
 (each on its own thread) and joined into one valid zlib stream: each band ends on a byte boundary
 (a sync flush), the joined stream ends with an empty final block, and the bands' Adler-32 sums are
-combined arithmetically. The worker's encoding of a 512² result (quantizing included) took 5.4 ms
-in two bands on 2 threads against 8.5 ms in one (median of 27 photos; ``benchmarks/bench_png.py``,
-its ``worker-*`` columns); the files grow by 0.03 %.
+combined arithmetically. The worker's encoding of a result (quantizing included, median of 27
+photos, 2 threads): 512², 4.5 ms in two bands against 6.9 ms in one; 2048², 67 against 123 ms
+(``benchmarks/bench_png.py``, its ``worker-*`` columns). The files grow by 0.02 %.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def deflate_band(strips: Iterable[np.ndarray], above: np.ndarray | None = None) 
     if layout is None:
         raise ValueError("cannot write an empty image as PNG")
     chunks.append(_chunk(b"IDAT", deflate.flush(zlib.Z_SYNC_FLUSH)))  # ends on a byte boundary
-    return Band([c for c in chunks if c], adler, rows_done, layout)
+    return Band(chunks, adler, rows_done, layout)
 
 
 def assemble_png(bands: Sequence[Band]) -> bytes:
