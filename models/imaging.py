@@ -158,19 +158,38 @@ def strip_rows(width: int) -> int:
     return max(1, STRIP_PIXELS // max(width, 1))
 
 
+def host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A result tensor as a numpy array to quantize in numpy: a view of a host float32/float16
+    tensor (what the pipeline returns), a copy of anything else.
+
+    Encoder threads quantize in numpy, not torch: a torch op there starts an OpenMP team of that
+    thread's own, and once the process has more OpenMP threads than cores, libgomp stops letting
+    idle threads spin and puts them to sleep between parallel regions. The forward passes on the
+    main thread then block ~130 times a pass: on 2 cores the compact model's pass went from
+    227-236 to 254-318 ms in one process, and the worker ran the default model 12 % slower than
+    the bare model (`tests/test_worker.py` counts the threads)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float16):
+        tensor = tensor.to("cpu", torch.float32)
+    return tensor.numpy()
+
+
 def quantized_strips(rgb: torch.Tensor, grey: bool = False) -> Iterator[np.ndarray]:
-    """``[3, H, W]`` floats → uint8 ``[rows, W, 3]`` (or uint16 ``[rows, W]`` luma) strips, top to bottom."""
-    step = strip_rows(rgb.shape[-1])
-    for top in range(0, rgb.shape[-2], step):
-        # one float copy per strip, worked on in place: every temporary here is a strip-sized
+    """``[3, H, W]`` floats → uint8 ``[rows, W, 3]`` (or uint16 ``[rows, W]`` luma) strips, top to
+    bottom, in numpy (encoder threads call it: :func:`host_array`)."""
+    array = host_array(rgb)
+    step = strip_rows(array.shape[-1])
+    for top in range(0, array.shape[-2], step):
+        # one float32 copy per strip, worked on in place: every temporary here is a strip-sized
         # block that the allocator keeps around once the result is written
-        strip = rgb[:, top : top + step].detach().to("cpu", torch.float32, copy=True).clamp_(0, 1)
+        strip = np.clip(array[:, top : top + step], 0, 1, dtype=np.float32)
         if grey:
             luma = (0.299 * strip[0] + 0.587 * strip[1] + 0.114 * strip[2]) * 65535
-            yield luma.round().numpy().astype(np.uint16)
+            yield np.rint(luma, out=luma).astype(np.uint16)
         else:
             # rounded to bytes before the HWC transpose: a quarter of the bytes to move
-            yield strip.mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+            np.rint(np.multiply(strip, 255, out=strip), out=strip)
+            yield strip.astype(np.uint8).transpose(1, 2, 0)
 
 
 def quantized(rgb: torch.Tensor, grey: bool = False) -> np.ndarray:
@@ -192,7 +211,8 @@ def to_pil(rgb: torch.Tensor, mode: str = "RGB", alpha: torch.Tensor | None = No
     if mode in ("L", "LA"):
         img = img.convert("L")
     if alpha is not None and mode in ("RGBA", "LA"):
-        a = (alpha.detach().float().clamp(0, 1).cpu()[0] * 255).round().to(torch.uint8).numpy()
+        a = np.clip(host_array(alpha)[0], 0, 1, dtype=np.float32)
+        a = np.rint(np.multiply(a, 255, out=a), out=a).astype(np.uint8)
         img.putalpha(Image.fromarray(a, mode="L"))
     return img
 

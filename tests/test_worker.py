@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -275,6 +277,47 @@ def test_a_png_result_is_deflated_in_bands_across_the_encoder_threads(
         assert sorted(made) == sorted(worker.engine.png_bands(300, 40, 4) * 2)
         for rgb, data in zip(sr, out.images.values(), strict=True):
             assert np.array_equal(np.asarray(decode(data)), np.asarray(to_pil(rgb, image.mode)))
+
+
+ENCODER_TEAMS = """
+import os, threading, torch
+from concurrent.futures import ThreadPoolExecutor
+import worker.engine as we
+from ctsr.contract import JobPayload
+
+torch.set_num_threads(2)
+torch.rand(1 << 22).mul_(2)  # the main thread's own OpenMP team, as a forward pass makes it
+pool, started = ThreadPoolExecutor(2), threading.Barrier(2)
+list(pool.map(lambda _: started.wait(), range(2)))  # both encoder threads exist
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+sr, alpha = torch.rand(3, 512, 512), torch.rand(1, 512, 512)
+half = sr.half()  # a blended CPU canvas's dtype
+encodes = [lambda: we.png_band(sr, 0, 512, False), lambda: we.png_band(half, 100, 400, True),
+           lambda: we._encode_one(sr, "RGBA", alpha, JobPayload("j", [0.5], "webp")),
+           lambda: we._encode_one(sr, "I;16", None, JobPayload("j", [0.5], "jpeg"))]
+for done in [pool.submit(encode) for encode in encodes * 2]:
+    done.result()
+after = threads()
+other = ThreadPoolExecutor(1)  # for contrast: a torch op on a thread of its own
+other.submit(int).result()
+alone = threads()
+other.submit(sr.clone).result()
+print(before, after, threads() - alone)
+"""
+
+
+def test_encoder_threads_start_no_openmp_teams() -> None:
+    """Encoding (PNG bands, RGBA WebP, 16-bit grey JPEG) adds no thread to a process whose model
+    uses 2 OpenMP threads; a torch op on an encoder thread would add its own team, after which
+    libgomp puts idle threads to sleep and the model's passes slow down (models/imaging.host_array)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", ENCODER_TEAMS], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    before, after, team = map(int, run.stdout.split())
+    if not team:
+        pytest.skip("this torch build starts no OpenMP team per calling thread")
+    assert after == before
 
 
 def test_batch_size_defaults_by_device(small_compact_ckpt: Path) -> None:
