@@ -174,6 +174,12 @@ def host_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def _bytes(unit: np.ndarray) -> np.ndarray:
+    """Floats clipped to [0, 1] (float32, worked on in place) → uint8, rounded half to even."""
+    np.rint(np.multiply(unit, 255, out=unit), out=unit)
+    return unit.astype(np.uint8)
+
+
 def quantized_strips(rgb: torch.Tensor, grey: bool = False) -> Iterator[np.ndarray]:
     """``[3, H, W]`` floats → uint8 ``[rows, W, 3]`` (or uint16 ``[rows, W]`` luma) strips, top to
     bottom, in numpy (encoder threads call it: :func:`host_array`)."""
@@ -186,10 +192,8 @@ def quantized_strips(rgb: torch.Tensor, grey: bool = False) -> Iterator[np.ndarr
         if grey:
             luma = (0.299 * strip[0] + 0.587 * strip[1] + 0.114 * strip[2]) * 65535
             yield np.rint(luma, out=luma).astype(np.uint16)
-        else:
-            # rounded to bytes before the HWC transpose: a quarter of the bytes to move
-            np.rint(np.multiply(strip, 255, out=strip), out=strip)
-            yield strip.astype(np.uint8).transpose(1, 2, 0)
+        else:  # rounded to bytes before the HWC transpose: a quarter of the bytes to move
+            yield _bytes(strip).transpose(1, 2, 0)
 
 
 def quantized(rgb: torch.Tensor, grey: bool = False) -> np.ndarray:
@@ -211,8 +215,7 @@ def to_pil(rgb: torch.Tensor, mode: str = "RGB", alpha: torch.Tensor | None = No
     if mode in ("L", "LA"):
         img = img.convert("L")
     if alpha is not None and mode in ("RGBA", "LA"):
-        a = np.clip(host_array(alpha)[0], 0, 1, dtype=np.float32)
-        a = np.rint(np.multiply(a, 255, out=a), out=a).astype(np.uint8)
+        a = _bytes(np.clip(host_array(alpha)[0], 0, 1, dtype=np.float32))
         img.putalpha(Image.fromarray(a, mode="L"))
     return img
 
