@@ -174,7 +174,7 @@ def host_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def _bytes(unit: np.ndarray) -> np.ndarray:
+def _to_uint8(unit: np.ndarray) -> np.ndarray:
     """Floats clipped to [0, 1] (float32, worked on in place) → uint8, rounded half to even."""
     np.rint(np.multiply(unit, 255, out=unit), out=unit)
     return unit.astype(np.uint8)
@@ -193,7 +193,7 @@ def quantized_strips(rgb: torch.Tensor, grey: bool = False) -> Iterator[np.ndarr
             luma = (0.299 * strip[0] + 0.587 * strip[1] + 0.114 * strip[2]) * 65535
             yield np.rint(luma, out=luma).astype(np.uint16)
         else:  # rounded to bytes before the HWC transpose: a quarter of the bytes to move
-            yield _bytes(strip).transpose(1, 2, 0)
+            yield _to_uint8(strip).transpose(1, 2, 0)
 
 
 def quantized(rgb: torch.Tensor, grey: bool = False) -> np.ndarray:
@@ -215,7 +215,7 @@ def to_pil(rgb: torch.Tensor, mode: str = "RGB", alpha: torch.Tensor | None = No
     if mode in ("L", "LA"):
         img = img.convert("L")
     if alpha is not None and mode in ("RGBA", "LA"):
-        a = _bytes(np.clip(host_array(alpha)[0], 0, 1, dtype=np.float32))
+        a = _to_uint8(np.clip(host_array(alpha)[0], 0, 1, dtype=np.float32))
         img.putalpha(Image.fromarray(a, mode="L"))
     return img
 
