@@ -247,10 +247,41 @@ def test_explicit_params_path_and_env(tmp_path: Path, monkeypatch: pytest.Monkey
         niqe.load_niqe_params(bad)
 
 
+def test_download_retries_only_transient_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    failures = [urllib.error.URLError("timed out"), urllib.error.HTTPError("u", 503, "busy", {}, None)]  # type: ignore[arg-type]
+
+    def urlopen(url: str, timeout: float) -> io.BytesIO:
+        calls.append(url)
+        if failures:
+            raise failures.pop(0)
+        return io.BytesIO(b"{}")
+
+    monkeypatch.setattr(niqe, "RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    assert niqe._read_url("https://pypi.org/x", timeout=1) == b"{}" and len(calls) == 3  # two retries
+    calls.clear()
+    failures[:] = [urllib.error.URLError("timed out")] * 3
+    with pytest.raises(urllib.error.URLError):  # out of tries
+        niqe._read_url("https://pypi.org/x", timeout=1)
+    assert len(calls) == 3
+    calls.clear()
+    failures[:] = [urllib.error.HTTPError("u", 404, "gone", {}, None)]  # type: ignore[arg-type]
+    with pytest.raises(urllib.error.HTTPError):  # a 404 is an answer, not a hiccup
+        niqe._read_url("https://pypi.org/x", timeout=1)
+    assert len(calls) == 1
+    calls.clear()
+    failures[:] = [urllib.error.URLError("no such file")]
+    with pytest.raises(urllib.error.URLError):  # nor is a missing local file
+        niqe._read_url("file:///nope", timeout=1)
+    assert len(calls) == 1
+
+
 def _pypi_reachable() -> bool:
+    """PyPI's small project JSON, with the fetch's own retries (a 5 s probe of /simple/ once timed out in CI)."""
     try:
-        with urllib.request.urlopen("https://pypi.org/simple/", timeout=5):
-            return True
+        niqe._read_url(niqe.PYPI_JSON_URLS[-1], timeout=20)
+        return True
     except OSError:
         return False
 

@@ -32,6 +32,8 @@ import math
 import os
 import tarfile
 import tempfile
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,8 @@ NPZ_MEMBER_SUFFIX = "/basicsr/metrics/niqe_pris_params.npz"
 NPZ_SHA256 = "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296"
 PARAMS_FILENAME = f"niqe_pris_params-basicsr-{BASICSR_VERSION}.npz"
 MAX_SDIST_BYTES = 20 * 1024 * 1024
+#: Pauses between the tries of one download; only a timeout, a dropped connection or a 5xx/429 is retried.
+RETRY_DELAYS_S = (1.0, 4.0)
 
 
 # -- pristine model -------------------------------------------------------------------------------
@@ -82,10 +86,29 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _transient(exc: OSError) -> bool:
+    """Worth another try: a timeout, a refused or dropped connection, or the server's 5xx/429."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code == 429
+    return True
+
+
 def _read_url(url: str, timeout: float, limit: int = MAX_SDIST_BYTES) -> bytes:
-    """GET ``url`` (https or file), refusing bodies over ``limit`` bytes. Tests monkeypatch this."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        data: bytes = response.read(limit + 1)
+    """GET ``url`` (https or file), refusing bodies over ``limit`` bytes. Tests monkeypatch this.
+
+    An http(s) GET is tried again after :data:`RETRY_DELAYS_S` when it fails transiently: one slow
+    answer from PyPI's CDN should not cost an evaluation its NIQE column.
+    """
+    delays = RETRY_DELAYS_S if url.startswith(("http://", "https://")) else ()
+    for delay in (*delays, None):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                data: bytes = response.read(limit + 1)
+            break
+        except OSError as exc:
+            if delay is None or not _transient(exc):
+                raise
+            time.sleep(delay)
     if len(data) > limit:
         raise ValueError(f"{url} is larger than {limit} bytes")
     return data
