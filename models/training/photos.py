@@ -113,7 +113,8 @@ def fetch_photos(dest: Path) -> list[Photo]:
     with tempfile.TemporaryDirectory(prefix="ctsr-photos-") as tmp:
         work = Path(tmp)
         for source in SOURCES:
-            _run(["apt-get", "download", source.package], work)
+            # a dropped download is tried again, up to five times
+            _run(["apt-get", "-o", "Acquire::Retries=5", "download", source.package], work)
             deb = next(work.glob(f"{source.package}_*.deb"))
             version = deb.name.split("_")[1]
             root = work / source.package
