@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ctsr.contract import (
     COLOR_FIXES,
@@ -117,9 +117,56 @@ def _orientation(exif: bytes | None) -> int:
     return int(parsed.get(0x0112, 1))
 
 
+def _bmp_extent(img: ImageFile.ImageFile, data: bytes) -> None:
+    """Uncompressed rows: ``height`` rows of the stride Pillow will read, from the pixel offset.
+    Run-length coded: the compressed size the header states (``biSizeImage``), where it states one."""
+    codec, _, offset, args = img.tile[0]
+    stride = args[1] if codec == "raw" and isinstance(args, tuple) and isinstance(args[1], int) else 0
+    if stride:
+        needed = offset + stride * img.size[1]
+    else:
+        header = int.from_bytes(data[14:18], "little")
+        stated = int.from_bytes(data[34:38], "little") if header >= 40 and len(data) >= 38 else 0
+        needed = offset + stated
+    if needed > len(data):
+        raise ValueError(f"truncated BMP: pixel data needs {needed} bytes, the file has {len(data)}")
+
+
+def _tiff_extent(img: ImageFile.ImageFile, data: bytes) -> None:
+    """The first page's strips (or tiles) as its directory places them: offsets + byte counts."""
+    tags = img.tag_v2  # type: ignore[attr-defined]
+    offsets, counts = tags.get(273) or tags.get(324), tags.get(279) or tags.get(325)
+    if offsets is not None and counts is not None:
+        offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+        counts = counts if isinstance(counts, tuple) else (counts,)
+        needed = max((o + c for o, c in zip(offsets, counts, strict=False)), default=0)
+        if needed > len(data):
+            raise ValueError(f"truncated TIFF: its strips end at byte {needed}, the file has {len(data)}")
+
+
+def _gif_extent(img: ImageFile.ImageFile, data: bytes) -> None:
+    """The first frame's pixel data, a chain of length-prefixed sub-blocks ended by an empty one
+    (the frame the worker decodes), must end inside the file. Walking it reads one byte per 256."""
+    position = img.tile[0][2]
+    while position < len(data) and data[position]:
+        position += 1 + data[position]
+    if position >= len(data):
+        raise ValueError("truncated GIF: the first frame's pixel data is cut short")
+
+
+#: Formats with no end marker or checksum over the pixels: a cut file is caught by checking that
+#: the pixel data the header describes lies within it (PNG has CRCs, JPEG an end marker).
+PIXEL_DATA_EXTENT: dict[str, Callable[[ImageFile.ImageFile, bytes], None]] = {
+    "BMP": _bmp_extent,
+    "TIFF": _tiff_extent,
+    "GIF": _gif_extent,
+}
+
+
 def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
     """(width, height) as the worker will see them (after EXIF orientation), or an
-    :class:`APIError` saying what is wrong. Reads headers only; never decodes pixels."""
+    :class:`APIError` saying what is wrong. Reads headers, and checks that the pixel data they
+    describe is all there (PNG CRCs, JPEG's end marker, :data:`PIXEL_DATA_EXTENT`); never decodes pixels."""
     if not data:
         raise APIError(400, "empty_image", "the image field is empty")
     if len(data) > settings.max_upload_bytes:
@@ -139,6 +186,8 @@ def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
                     # open stops at the first scan; without an end-of-image marker after it the
                     # file was cut short, and the worker's decoder refuses it
                     raise ValueError("no end-of-image marker: truncated JPEG")
+                if fmt in PIXEL_DATA_EXTENT:
+                    PIXEL_DATA_EXTENT[fmt](img, data)
                 if orientation in (5, 6, 7, 8):
                     width, height = height, width
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -115,6 +115,16 @@ def truncated(data: bytes, fraction: float = 0.5) -> bytes:
     return data[: int(len(data) * fraction)]
 
 
+def gif_short_of_pixels() -> bytes:
+    """A GIF whose every structure is whole (its pixel data is one 16-byte sub-block, then the end
+    block and the trailer) but whose pixel data stops far short of the frame: the gateway, which
+    reads no pixels, accepts it, and the worker's decoder refuses it as truncated."""
+    data = encode(photo(), "GIF")
+    with Image.open(io.BytesIO(data)) as img:
+        start = img.tile[0][2]  # the first sub-block's length byte
+    return data[:start] + bytes([16]) + data[start + 1 : start + 17] + b"\x00;"
+
+
 def decode(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()

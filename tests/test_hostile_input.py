@@ -17,7 +17,7 @@ empty_image                  400     the ``image`` file is empty
 upload_too_large             413     body or image over ``max_upload_bytes`` (cut off while streaming)
 image_too_large              413     decompression bomb, over ``max_pixels`` or ``max_side``
 unsupported_image            415     not an image, or an image format the worker does not decode
-corrupt_image                422     identified, but truncated / bad CRC / no pixel data (``HEADER_ONLY``)
+corrupt_image                422     identified, but truncated / bad CRC / no pixel data
 image_too_small              422     a side under ``MIN_SIDE`` (8) pixels
 invalid_alpha                422     alpha not a number in [0, 1], or two alphas equal to 3 decimals
 too_many_alphas              422     more than ``max_alphas`` alphas
@@ -29,10 +29,6 @@ unknown_job                  404     a job id that is not a (known, canonical lo
 unknown_alpha                404     ``result?alpha=`` names a valid alpha the job did not make
 not_found                    404     no route at all
 ===========================  ======  ==========================================================
-
-Rows marked with a strict xfail (``HEADER_ONLY``) state the
-contract the gateway does not meet yet; fixing the gateway turns them into XPASS failures, and
-the mark goes.
 """
 
 from __future__ import annotations
@@ -56,12 +52,6 @@ from ctsr.contract import JobPayload, JobResult, input_key, output_key
 from ctsr.settings import Settings
 from models.imaging import load_image
 from service.app import create_app
-
-#: Formats without an end marker or checksum the gateway can test from the header: a truncated
-#: file is accepted (202) and its job fails in the worker ("corrupt or truncated image").
-HEADER_ONLY = pytest.mark.xfail(
-    strict=True, reason="gateway reads headers only; a truncated GIF/BMP/TIFF fails later, in the worker"
-)
 
 
 # -- the gateway on the test's Redis ------------------------------------------------------------------
@@ -168,9 +158,21 @@ def flat(mode: str, width: int, height: int) -> bytes:
     return encode(Image.new(mode, (width, height)), "PNG")
 
 
+def rle8_bmp(width: int = 16, height: int = 8) -> bytes:
+    """A run-length coded 8-bit BMP (Pillow writes none): one grey run per row, then end of bitmap.
+    Its header states the coded size (``biSizeImage``), which is all a reader can check before decoding."""
+    runs = b"\x00\x00".join(bytes([width, 16 * row]) for row in range(height)) + b"\x00\x01"
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    start = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(runs), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", start + len(runs), 0, 0, start) + info + palette + runs
+
+
 PHOTO = photo_bytes()  # the real 96x72 photo
 PNG = encode(photo(), "PNG")
 PROGRESSIVE = encode(photo(), "JPEG", quality=90, progressive=True)
+TIFF_STRIPS = encode(photo(), "TIFF", compression="tiff_deflate", strip_size=2048)  # 11 compressed strips
+BMP_PALETTE = encode(photo().convert("P"), "BMP")
 rng = np.random.default_rng(0)
 
 
@@ -209,9 +211,13 @@ REJECTED_UPLOADS = [
     reject("truncated-progressive-jpeg", 422, "corrupt_image", truncated(PROGRESSIVE, 0.5)),
     reject("jpeg-without-end-marker", 422, "corrupt_image", PHOTO[:-2]),
     reject("jpeg-headers-only", 422, "corrupt_image", PHOTO[:300]),
-    reject("truncated-gif", 422, "corrupt_image", truncated(encode(photo(), "GIF")), "in.gif", marks=HEADER_ONLY),
-    reject("truncated-bmp", 422, "corrupt_image", truncated(encode(photo(), "BMP")), "in.bmp", marks=HEADER_ONLY),
-    reject("truncated-tiff", 422, "corrupt_image", truncated(encode(photo(), "TIFF")), "in.tif", marks=HEADER_ONLY),
+    reject("truncated-gif", 422, "corrupt_image", truncated(encode(photo(), "GIF")), "in.gif"),
+    reject("truncated-bmp", 422, "corrupt_image", truncated(encode(photo(), "BMP")), "in.bmp"),
+    reject("truncated-tiff", 422, "corrupt_image", truncated(encode(photo(), "TIFF")), "in.tif"),
+    reject("truncated-gif-90pct", 422, "corrupt_image", truncated(encode(photo(), "GIF"), 0.9), "in.gif"),
+    reject("truncated-bmp-palette-90pct", 422, "corrupt_image", truncated(BMP_PALETTE, 0.9), "in.bmp"),
+    reject("truncated-rle-bmp", 422, "corrupt_image", rle8_bmp()[:-6], "in.bmp"),
+    reject("truncated-tiff-90pct", 422, "corrupt_image", truncated(encode(photo(), "TIFF"), 0.9), "in.tif"),
     # sizes
     reject("png-bomb-100000x100000", 413, "image_too_large", png_header_only(100_000, 100_000), "in.png"),
     reject("png-bomb-12000x9000", 413, "image_too_large", png_header_only(12_000, 9_000), "in.png"),
@@ -466,6 +472,9 @@ ACCEPTED = [
     accept("exif-rotated-tiff", oriented("TIFF"), (24, 40), "in.tif", "image/tiff"),
     accept("exif-mirrored-jpeg", oriented("JPEG", 2), (40, 24), "in.jpg", "image/jpeg", note="orientation 2"),
     accept("animated-gif", animation("GIF"), (32, 24), "in.gif", "image/gif", note="first frame used"),
+    accept("tiff-compressed-strips", TIFF_STRIPS, (96, 72), "in.tif", "image/tiff"),
+    accept("bmp-palette", BMP_PALETTE, (96, 72), "in.bmp", "image/bmp"),
+    accept("bmp-run-length", rle8_bmp(), (16, 8), "in.bmp", "image/bmp", mode="L"),
     accept("animated-webp", animation("WEBP"), (32, 24), "in.webp", "image/webp", note="first frame used"),
     accept("animated-png", animation("PNG"), (32, 24), note="first frame used"),
     accept("smallest-8x8", flat("RGB", 8, 8), (8, 8)),

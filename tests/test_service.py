@@ -37,6 +37,7 @@ from service_helpers import (
     Samples,
     decode,
     encode,
+    gif_short_of_pixels,
     jpeg,
     noise_jpeg,
     parse_metrics,
@@ -766,7 +767,7 @@ def test_jobs_share_forward_passes_and_match_solo_runs(stack: Stack) -> None:
 # -- 8. RQ bookkeeping -------------------------------------------------------------------------------------
 def test_rq_bookkeeping_and_a_failed_job(stack: Stack) -> None:
     good = [stack.accepted(VALID, alphas=(0.0, 1.0)), stack.accepted(jpeg(40, 33), alphas=(0.5,))]
-    broken = truncated(encode(photo(), "GIF"), 0.5)  # a GIF cut in its pixel data: the gateway reads headers only
+    broken = gif_short_of_pixels()  # whole structures, too few pixels: only decoding finds it
     bad = stack.accepted(broken)
     assert stack.queue.count == 3
     worker = stack.run_worker()
@@ -963,7 +964,7 @@ def test_prefer_wait_returns_the_result(stack: Stack) -> None:
 
 
 def test_prefer_wait_reports_a_failed_job(stack: Stack) -> None:
-    broken = truncated(encode(photo(), "GIF"), 0.5)  # passes the gateway (headers only), fails in the worker
+    broken = gif_short_of_pixels()  # passes the gateway (it decodes no pixels), fails in the worker
     thread, replies = _submit_in_background(stack, data=broken, alphas=(0.5,), headers={"Prefer": "wait=20"})
     wait_for(lambda: stack.queue.count == 1, timeout=10, what="the job to be queued")
     stack.run_worker()

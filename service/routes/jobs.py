@@ -177,7 +177,7 @@ async def _accept(request: Request, form: FormData, owner: str | None, gateway: 
 
 
 def _admit(gateway: Gateway, data: bytes, options: UpscaleOptions, owner: str | None, webhook: str | None) -> str:
-    """Check the image (headers only), store it and enqueue its job; the new job's id.
+    """Check the image (no pixel is decoded), store it and enqueue its job; the new job's id.
 
     Blocking (Pillow, Redis): runs in a thread."""
     settings, queue = gateway.settings, gateway.queue
