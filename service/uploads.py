@@ -118,16 +118,17 @@ def _orientation(exif: bytes | None) -> int:
 
 
 def _bmp_extent(img: ImageFile.ImageFile, data: bytes) -> None:
-    """Uncompressed rows: ``height`` rows of the stride Pillow will read, from the pixel offset.
-    Run-length coded: the compressed size the header states (``biSizeImage``), where it states one."""
+    """Uncompressed: ``height`` rows of the stride Pillow reads, from the pixel offset, the last
+    one without its padding (Pillow reads a file that leaves it out). Run-length coded: the coded
+    size the header states (``biSizeImage``), where it states one."""
     codec, _, offset, args = img.tile[0]
     stride = args[1] if codec == "raw" and isinstance(args, tuple) and isinstance(args[1], int) else 0
+    header = int.from_bytes(data[14:18], "little")
     if stride:
-        needed = offset + stride * img.size[1]
+        bits = int.from_bytes(data[28:30] if header >= 40 else data[24:26], "little")
+        needed = offset + stride * (img.size[1] - 1) + min(stride, (img.size[0] * bits + 7) // 8)
     else:
-        header = int.from_bytes(data[14:18], "little")
-        stated = int.from_bytes(data[34:38], "little") if header >= 40 and len(data) >= 38 else 0
-        needed = offset + stated
+        needed = offset + (int.from_bytes(data[34:38], "little") if header >= 40 else 0)
     if needed > len(data):
         raise ValueError(f"truncated BMP: pixel data needs {needed} bytes, the file has {len(data)}")
 

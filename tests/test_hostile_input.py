@@ -474,6 +474,7 @@ ACCEPTED = [
     accept("animated-gif", animation("GIF"), (32, 24), "in.gif", "image/gif", note="first frame used"),
     accept("tiff-compressed-strips", TIFF_STRIPS, (96, 72), "in.tif", "image/tiff"),
     accept("bmp-palette", BMP_PALETTE, (96, 72), "in.bmp", "image/bmp"),
+    accept("bmp-last-row-unpadded", encode(photo(95, 71).convert("P"), "BMP")[:-1], (95, 71), "in.bmp", "image/bmp"),
     accept("bmp-run-length", rle8_bmp(), (16, 8), "in.bmp", "image/bmp", mode="L"),
     accept("animated-webp", animation("WEBP"), (32, 24), "in.webp", "image/webp", note="first frame used"),
     accept("animated-png", animation("PNG"), (32, 24), note="first frame used"),
