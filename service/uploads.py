@@ -117,6 +117,13 @@ def _orientation(exif: bytes | None) -> int:
     return int(parsed.get(0x0112, 1))
 
 
+def _jpeg_extent(img: ImageFile.ImageFile, data: bytes) -> None:
+    """Opening stops at the first scan; without an end-of-image marker after it the file was cut
+    short, and the worker's decoder refuses it."""
+    if img.fp is not None and data.rfind(b"\xff\xd9", img.fp.tell()) < 0:
+        raise ValueError("no end-of-image marker: truncated JPEG")
+
+
 def _bmp_extent(img: ImageFile.ImageFile, data: bytes) -> None:
     """Uncompressed: ``height`` rows of the stride Pillow reads, from the pixel offset, the last
     one without its padding (Pillow reads a file that leaves it out). Run-length coded: the coded
@@ -155,9 +162,11 @@ def _gif_extent(img: ImageFile.ImageFile, data: bytes) -> None:
         raise ValueError("truncated GIF: the first frame's pixel data is cut short")
 
 
-#: Formats with no end marker or checksum over the pixels: a cut file is caught by checking that
-#: the pixel data the header describes lies within it (PNG has CRCs, JPEG an end marker).
+#: Per format, a check that the pixel data is all there, without decoding it: a cut file raises.
+#: (PNG's chunk CRCs are checked by ``verify``; a WebP cut short does not open.)
 PIXEL_DATA_EXTENT: dict[str, Callable[[ImageFile.ImageFile, bytes], None]] = {
+    "JPEG": _jpeg_extent,
+    "MPO": _jpeg_extent,
     "BMP": _bmp_extent,
     "TIFF": _tiff_extent,
     "GIF": _gif_extent,
@@ -167,7 +176,7 @@ PIXEL_DATA_EXTENT: dict[str, Callable[[ImageFile.ImageFile, bytes], None]] = {
 def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
     """(width, height) as the worker will see them (after EXIF orientation), or an
     :class:`APIError` saying what is wrong. Reads headers, and checks that the pixel data they
-    describe is all there (PNG CRCs, JPEG's end marker, :data:`PIXEL_DATA_EXTENT`); never decodes pixels."""
+    describe is all there (PNG's CRCs, :data:`PIXEL_DATA_EXTENT` for the others); never decodes pixels."""
     if not data:
         raise APIError(400, "empty_image", "the image field is empty")
     if len(data) > settings.max_upload_bytes:
@@ -183,10 +192,6 @@ def check_image(data: bytes, settings: Settings) -> tuple[int, int]:
                     img.verify()  # chunk CRCs, without decoding pixels (must come right after open)
                 elif fmt in ("JPEG", "MPO", "WEBP"):
                     orientation = img.getexif().get(0x0112, 1)  # header only
-                if fmt in ("JPEG", "MPO") and img.fp is not None and data.rfind(b"\xff\xd9", img.fp.tell()) < 0:
-                    # open stops at the first scan; without an end-of-image marker after it the
-                    # file was cut short, and the worker's decoder refuses it
-                    raise ValueError("no end-of-image marker: truncated JPEG")
                 if fmt in PIXEL_DATA_EXTENT:
                     PIXEL_DATA_EXTENT[fmt](img, data)
                 if orientation in (5, 6, 7, 8):
