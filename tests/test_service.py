@@ -57,6 +57,7 @@ from ctsr.contract import (
     WEBHOOK_QUEUE_KEY,
     JobPayload,
     claim_key,
+    done_key,
     input_key,
     is_job_id,
     new_job_id,
@@ -706,6 +707,8 @@ def test_jobs_expire_in_the_queue(stack: Stack) -> None:
         assert_error(stack.result(job_id), 410, "expired")
         assert Job.fetch(job_id, connection=stack.redis).get_status() == JobStatus.FAILED
         assert not stack.redis.exists(input_key(job_id))
+        # what wakes its waiters and names its webhook event (job.expired) says expired, as the API does
+        assert stack.redis.lrange(done_key(job_id), 0, -1) == [b"expired"]
     assert not [k for k in stack.blob_keys() if ":out:" in k]
     assert worker.metrics.registry.get_sample_value("ctsr_worker_jobs_total", {"outcome": "expired"}) == 2
 

@@ -358,13 +358,16 @@ class BatchWorker(SimpleWorker):
         # one count per job, not per attempt: an attempt that RQ will retry is "retrying"
         final = job.get_status(refresh=False) == JobStatus.FAILED
         self.metrics.jobs.labels("expired" if isinstance(exc, JobExpired) else "failed" if final else "retrying").inc()
-        self._announce(job)
+        # RQ records an expired job as failed; the API (service/jobs.py) and its webhook say expired
+        self._announce(job, "expired" if isinstance(exc, JobExpired) else None)
 
-    def _announce(self, job: Job) -> None:
+    def _announce(self, job: Job, status: str | None = None) -> None:
         """Wake gateways waiting on this job (``Prefer: wait``) and queue its webhook, if any."""
-        status = job.get_status(refresh=False) or ""
+        if status is None:
+            rq_status = job.get_status(refresh=False) or ""
+            status = getattr(rq_status, "value", rq_status)
         with self.connection.pipeline() as pipe:
-            announce_end(pipe, JobPayload.from_dict(job.args[0]), getattr(status, "value", status))
+            announce_end(pipe, JobPayload.from_dict(job.args[0]), status)
             pipe.execute()
 
     def _cancel(self, job: Job, execution: Execution, outcome: Any) -> None:
