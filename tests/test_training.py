@@ -550,6 +550,31 @@ def test_rrdb_alpha_path_sampling_and_weights(pairs: PairSet, fidelity_teacher: 
         _rrdb_config(pairs, Path("x"), fidelity_teacher, stage="stage2", init="x", alpha_ends=[0.6, 0.6])
 
 
+def test_alpha_ends_per_pairs_folder(pairs: PairSet, fidelity_teacher: Path, rrdb_stage1: Path) -> None:
+    """Each sample draws its alpha with the probabilities of the folder its pair came from."""
+    from models.training.stages import build_stage
+    from models.training.trainer import Trainer
+
+    one = _rrdb_config(pairs, Path("unused"), fidelity_teacher, stage="stage2", init=str(rrdb_stage1),
+                       loss={"fidelity": 1.0})  # fmt: skip
+
+    def two(alpha_ends: object) -> TrainConfig:
+        return dataclasses.replace(one, pairs=[str(pairs.folder)] * 2, alpha_ends=alpha_ends)  # type: ignore[arg-type]
+
+    stage = build_stage(two([[0.5, 0.0], [0.0, 0.8]]))
+    pair_set = torch.tensor([0, 1]).repeat(10000)
+    alphas = stage.sample_alphas(len(pair_set), pair_set)  # type: ignore[attr-defined]
+    first, second = alphas[pair_set == 0], alphas[pair_set == 1]
+    assert abs(float((first == 0).float().mean()) - 0.5) < 0.02 and not bool((first == 1).any())
+    assert abs(float((second == 1).float().mean()) - 0.8) < 0.02 and not bool((second == 0).any())
+    trainer = Trainer(two([[0.5, 0.0], [0.0, 0.8]]))
+    assert sorted(trainer.data["pair_set"].tolist()) == [0] * len(pairs) + [1] * len(pairs)
+    assert trainer.batch()["pair_set"].shape == (4,)  # labels travel with their pairs
+    for bad in ([[0.5, 0.0]], [[0.5, 0.0], [0.9, 0.9]], [[0.5, 0.0], 0.3]):
+        with pytest.raises(ConfigError, match="alpha_ends"):
+            two(bad)
+
+
 def test_rrdb_resume_with_a_critic_is_exact(
     pairs: PairSet, fidelity_teacher: Path, rrdb_stage1: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -80,8 +80,9 @@ class TrainConfig:
     #: (rrdb with arch.velocity "branch"); null: from the model's own initialisation.
     velocity_init: str | None = None
     #: stage2: probabilities that a sample's alpha is exactly 0 and exactly 1; the rest is uniform
-    #: in (0, 1). [0.5, 0.5] trains only the two ends.
-    alpha_ends: tuple[float, float] = (0.0, 0.25)
+    #: in (0, 1). [0.5, 0.5] trains only the two ends. A list of such pairs, one per pairs folder,
+    #: sets them per folder (e.g. more weight on alpha = 1 for a milder degradation's pairs).
+    alpha_ends: tuple[float, float] | list[tuple[float, float]] = (0.0, 0.25)
     #: stage2: band-split decoding for the saved student (``models.bandsplit``: sigma, lead). The
     #: losses still see plain decoding of ``z_alpha``; this only sets how the result is served.
     band_split: dict[str, float] | None = None
@@ -128,10 +129,7 @@ class TrainConfig:
         if self.stage == "stage1" and self.loss.fidelity and not self.fidelity_teacher:
             raise ConfigError("loss.fidelity > 0 needs 'fidelity_teacher'")
         BandSplit.from_config(self.band_split)  # a bad setting fails here, not after training
-        ends = tuple(self.alpha_ends)  # a list when read from JSON
-        if len(ends) != 2 or min(ends) < 0 or sum(ends) > 1:
-            raise ConfigError(f"alpha_ends must be two probabilities summing to at most 1, got {list(ends)}")
-        self.alpha_ends = (ends[0], ends[1])
+        self.alpha_ends = self._checked_alpha_ends()
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"amp must be auto, bf16 or off, not {self.amp!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "teacher_batch"):
@@ -151,6 +149,29 @@ class TrainConfig:
             return cls(**data)
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+    def _checked_alpha_ends(self) -> tuple[float, float] | list[tuple[float, float]]:
+        raw = self.alpha_ends  # lists when read from JSON
+        per_folder = len(raw) > 0 and all(isinstance(e, (list, tuple)) for e in raw)
+        if per_folder and len(raw) != len(self.pair_folders()):
+            raise ConfigError(
+                f"alpha_ends: {len(raw)} pairs of probabilities for {len(self.pair_folders())} pairs folders"
+            )
+        checked = []
+        for ends in raw if per_folder else [raw]:
+            ends = tuple(ends)  # type: ignore[arg-type]
+            if len(ends) != 2 or not all(isinstance(e, (int, float)) for e in ends) or min(ends) < 0 or sum(ends) > 1:
+                raise ConfigError(
+                    "alpha_ends must be two probabilities summing to at most 1 "
+                    f"(or one such pair per pairs folder), got {list(raw)}"
+                )
+            checked.append((float(ends[0]), float(ends[1])))
+        return checked if per_folder else checked[0]
+
+    def alpha_ends_per_folder(self) -> list[tuple[float, float]]:
+        """``alpha_ends`` for each pairs folder, in ``pairs`` order."""
+        ends = self.alpha_ends
+        return list(ends) if isinstance(ends, list) else [ends] * len(self.pair_folders())  # type: ignore[list-item]
 
     def pair_folders(self) -> list[Path]:
         return [Path(p) for p in ([self.pairs] if isinstance(self.pairs, str) else self.pairs)]

@@ -289,9 +289,11 @@ class VelocityStage(_StudentStage):
             return [*prefix, (key, lambda _, cached: {"z0": self.student.encode_cached(cached)})]
         return [(key, lambda lr, _: {"z0": self.student.encode(lr)})]
 
-    def sample_alphas(self, n: int) -> torch.Tensor:
-        """Per-sample alphas: exactly 0 or 1 with the configured probabilities, else uniform in (0, 1)."""
-        p0, p1 = self.config.alpha_ends
+    def sample_alphas(self, n: int, pair_set: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample alphas: exactly 0 or 1 with the configured probabilities (those of each
+        sample's pairs folder, ``pair_set``), else uniform in (0, 1)."""
+        ends = torch.tensor(self.config.alpha_ends_per_folder())
+        p0, p1 = ends[pair_set.cpu()].unbind(1) if pair_set is not None else ends[0]
         u, pick = torch.rand(n, generator=self.gen), torch.rand(n, generator=self.gen)
         return torch.where(pick < p0, 0.0, torch.where(pick < p0 + p1, 1.0, u))
 
@@ -301,7 +303,7 @@ class VelocityStage(_StudentStage):
         else:
             with torch.set_grad_enabled(self.config.train_encoder):
                 z0 = self.student.encode(batch["lr"])
-        alpha = self.sample_alphas(z0.shape[0]).to(z0.device)
+        alpha = self.sample_alphas(z0.shape[0], batch.get("pair_set")).to(z0.device)
         v = self.student.velocity(z0)
         sr = self.student.decode(self.student.mix(z0, v, alpha)).float()
         out = {}

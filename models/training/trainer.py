@@ -61,7 +61,11 @@ class Trainer:
         self.stage.model.to(self.device)
         # Everything a batch needs, once on the training device (uint8: 2000 pairs ≈ 1.2 GB with both
         # teachers); each folder keeps its own caches, so adding a folder recomputes nothing.
-        parts = [self._pair_data(pairs) for pairs in self.pair_sets]
+        # ``pair_set``: which folder each pair came from (per-folder settings such as ``alpha_ends``).
+        parts = [
+            {**self._pair_data(pairs), "pair_set": torch.full((len(pairs),), i, dtype=torch.int64)}
+            for i, pairs in enumerate(self.pair_sets)
+        ]
         self.data = {k: torch.cat([part[k] for part in parts]).to(self.device) for k in parts[0]}
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step = 0
@@ -113,6 +117,9 @@ class Trainer:
         sr_win = (slice(None), slice(None), slice(top * s, (top + crop) * s), slice(left * s, (left + crop) * s))
         out = {}
         for k, v in self.data.items():
+            if v.dim() == 1:  # per-pair labels
+                out[k] = v[idx]
+                continue
             window = v[idx][lr_win if v.shape[-1] == h else sr_win]  # LR-sized tensors take the LR window
             out[k] = window.float().div_(255) if v.dtype == torch.uint8 else window.float()
         return out
