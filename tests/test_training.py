@@ -570,7 +570,7 @@ def test_alpha_ends_per_pairs_folder(pairs: PairSet, fidelity_teacher: Path, rrd
     trainer = Trainer(two([[0.5, 0.0], [0.0, 0.8]]))
     assert sorted(trainer.data["pair_set"].tolist()) == [0] * len(pairs) + [1] * len(pairs)
     assert trainer.batch()["pair_set"].shape == (4,)  # labels travel with their pairs
-    for bad in ([[0.5, 0.0]], [[0.5, 0.0], [0.9, 0.9]], [[0.5, 0.0], 0.3]):
+    for bad in ([[0.5, 0.0]], [[0.5, 0.0], [0.9, 0.9]], [[0.5, 0.0], 0.3], 0.3, []):
         with pytest.raises(ConfigError, match="alpha_ends"):
             two(bad)
 

@@ -151,16 +151,18 @@ class TrainConfig:
             raise ConfigError(f"{path}: {exc}") from None
 
     def _checked_alpha_ends(self) -> tuple[float, float] | list[tuple[float, float]]:
-        raw = self.alpha_ends  # lists when read from JSON
+        raw: Any = self.alpha_ends  # lists when read from JSON
+        if not isinstance(raw, (list, tuple)):
+            raise ConfigError(f"alpha_ends must be [p0, p1] or one such pair per pairs folder, got {raw!r}")
         per_folder = len(raw) > 0 and all(isinstance(e, (list, tuple)) for e in raw)
         if per_folder and len(raw) != len(self.pair_folders()):
             raise ConfigError(
                 f"alpha_ends: {len(raw)} pairs of probabilities for {len(self.pair_folders())} pairs folders"
             )
-        checked = []
+        checked: list[tuple[float, float]] = []
         for ends in raw if per_folder else [raw]:
-            ends = tuple(ends)  # type: ignore[arg-type]
-            if len(ends) != 2 or not all(isinstance(e, (int, float)) for e in ends) or min(ends) < 0 or sum(ends) > 1:
+            numbers = isinstance(ends, (list, tuple)) and all(isinstance(e, (int, float)) for e in ends)
+            if not numbers or len(ends) != 2 or min(ends) < 0 or sum(ends) > 1:
                 raise ConfigError(
                     "alpha_ends must be two probabilities summing to at most 1 "
                     f"(or one such pair per pairs folder), got {list(raw)}"
@@ -171,7 +173,7 @@ class TrainConfig:
     def alpha_ends_per_folder(self) -> list[tuple[float, float]]:
         """``alpha_ends`` for each pairs folder, in ``pairs`` order."""
         ends = self.alpha_ends
-        return list(ends) if isinstance(ends, list) else [ends] * len(self.pair_folders())  # type: ignore[list-item]
+        return list(ends) if isinstance(ends, list) else [ends] * len(self.pair_folders())
 
     def pair_folders(self) -> list[Path]:
         return [Path(p) for p in ([self.pairs] if isinstance(self.pairs, str) else self.pairs)]
