@@ -161,8 +161,7 @@ class TrainConfig:
             )
         checked: list[tuple[float, float]] = []
         for ends in raw if per_folder else [raw]:
-            numbers = isinstance(ends, (list, tuple)) and all(isinstance(e, (int, float)) for e in ends)
-            if not numbers or len(ends) != 2 or min(ends) < 0 or sum(ends) > 1:
+            if not all(isinstance(e, (int, float)) for e in ends) or len(ends) != 2 or min(ends) < 0 or sum(ends) > 1:
                 raise ConfigError(
                     "alpha_ends must be two probabilities summing to at most 1 "
                     f"(or one such pair per pairs folder), got {list(raw)}"

@@ -272,6 +272,7 @@ class VelocityStage(_StudentStage):
         if self.w.realness or self.w.realness_spectrum:
             self.teachers["t_real"] = "realness_teacher"
         self.gen = torch.Generator().manual_seed(config.seed)  # the alpha sampler; saved with checkpoints
+        self.alpha_ends = torch.tensor(config.alpha_ends_per_folder())  # [folder, (p0, p1)]
         if config.band_split is not None:
             student.set_band_split(config.band_split)
         if config.velocity_init == "fidelity_teacher":  # a resumed run then loads its own weights over it
@@ -292,7 +293,7 @@ class VelocityStage(_StudentStage):
     def sample_alphas(self, n: int, pair_set: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample alphas: exactly 0 or 1 with the configured probabilities (those of each
         sample's pairs folder, ``pair_set``), else uniform in (0, 1)."""
-        ends = torch.tensor(self.config.alpha_ends_per_folder())
+        ends = self.alpha_ends
         p0, p1 = ends[pair_set.cpu()].unbind(1) if pair_set is not None else ends[0]
         u, pick = torch.rand(n, generator=self.gen), torch.rand(n, generator=self.gen)
         return torch.where(pick < p0, 0.0, torch.where(pick < p0 + p1, 1.0, u))
