@@ -154,12 +154,13 @@ def test_the_half_precision_host_canvas_moves_a_pixel_one_level_at_most(
     assert steps.mean() < 0.05, f"{steps.mean():.3f} of the values moved"
 
 
-@pytest.mark.parametrize("path_film", [False, True])
-def test_tiled_lr_skip_output_equals_whole_image(path_film: bool) -> None:
+@pytest.mark.parametrize("path_option", [None, "path_film", "path_delta"])
+def test_tiled_lr_skip_output_equals_whole_image(path_option: str | None) -> None:
     """The LR skip's bicubic upscaling reads past a tile's edge like a convolution does: the overlap
     hides it. An image smaller than a tile comes back exactly as whole-image inference. The path
-    position the ``path_film`` latent carries is the same everywhere, tile or not."""
-    student = make_compact(velocity_gain=30.0, upsampler="direct", lr_skip=True, path_film=path_film)
+    position the ``path_film`` / ``path_delta`` latent carries is the same everywhere, tile or not."""
+    options = {path_option: True} if path_option else {}
+    student = make_compact(velocity_gain=30.0, upsampler="direct", lr_skip=True, **options)
     runner = TileRunner(student, device="cpu")
     for width, height, tiles in ((70, 53, (36, 48)), (30, 22, (48,))):
         job = UpscaleJob(photo_tensor(width, height), (0.0, 1.0), "none")

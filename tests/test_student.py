@@ -25,9 +25,9 @@ from models.bandsplit import gaussian_blur
 from models.presets import load_preset
 
 #: ``compact-direct``: the compact family with the LR skip and the LR-size upsampler.
-FAMILIES = ["compact", "compact-direct", "compact-film", "rrdb", "sd21"]
+FAMILIES = ["compact", "compact-direct", "compact-film", "compact-delta", "rrdb", "sd21"]
 #: compact and rrdb have no normalisation; sd21's GroupNorm/attention reductions depend a little on batch.
-TOL = {"compact": 1e-5, "compact-direct": 1e-5, "compact-film": 1e-5, "rrdb": 1e-5, "sd21": 1e-4}
+TOL = {"compact": 1e-5, "compact-direct": 1e-5, "compact-film": 1e-5, "compact-delta": 1e-5, "rrdb": 1e-5, "sd21": 1e-4}
 
 
 def _make_compact_direct() -> models.CTSRStudent:
@@ -38,11 +38,16 @@ def _make_compact_film() -> models.CTSRStudent:
     return make_compact(upsampler="direct", lr_skip=True, path_film=True)
 
 
+def _make_compact_delta() -> models.CTSRStudent:
+    return make_compact(upsampler="direct", lr_skip=True, path_delta=True)
+
+
 def _student(family: str) -> models.CTSRStudent:
     return {
         "compact": make_compact,
         "compact-direct": _make_compact_direct,
         "compact-film": _make_compact_film,
+        "compact-delta": _make_compact_delta,
         "rrdb": make_rrdb,
         "sd21": make_sd21,
     }[family]()
@@ -182,35 +187,42 @@ def test_compact_direct_upsampler_runs_no_convolution_above_lr_size() -> None:
     assert sizes and all(tuple(s) == tuple(lr.shape[-2:]) for s in sizes)
 
 
-def test_compact_path_film_starts_as_the_same_weights_without_it_and_reads_alpha_from_the_latent() -> None:
-    """The path modulation is zero when built: a ``path_film`` student with another one's weights
-    decodes like it at every alpha (how ``init_weights`` continues a release). The latent's last
-    channel is the path position: 0 in ``z0``, 1 in ``v``, so alpha in the mixed latent; once the
-    modulation is non-zero it changes every alpha but 0."""
+@pytest.mark.parametrize("option", ["path_film", "path_delta"])
+def test_compact_path_options_start_as_the_same_weights_without_them_and_read_alpha_from_the_latent(
+    option: str,
+) -> None:
+    """The path modulation (``path_film``) and the decoder's path branches (``path_delta``) are zero
+    when built: such a student with another one's weights decodes like it at every alpha (how
+    ``init_weights`` continues a release). The latent's last channel is the path position: 0 in
+    ``z0``, 1 in ``v``, so alpha in the mixed latent; once the new parameters are non-zero they
+    change every alpha but 0. They train in stage 2 while the decoder's own weights stay frozen."""
     plain, lr = _make_compact_direct(), _lr("compact", 2)
-    film = models.build_student(compact_config(upsampler="direct", lr_skip=True, path_film=True)).eval()
-    film.load_state_dict(plain.state_dict(), strict=False)
+    student = models.build_student(compact_config(upsampler="direct", lr_skip=True, **{option: True})).eval()
+    student.load_state_dict(plain.state_dict(), strict=False)
+    added = student.film if option == "path_film" else student.delta
     alphas = [0.0, 0.4, 1.0]
     with torch.no_grad():
-        assert _max_diff(film.sweep(lr, alphas), plain.sweep(lr, alphas)) == 0
-        z0 = film.encode(lr)
-        v = film.velocity(z0)
-        mixed = film.mix(z0, v, torch.tensor([0.4, 1.0]))
+        assert _max_diff(student.sweep(lr, alphas), plain.sweep(lr, alphas)) == 0
+        z0 = student.encode(lr)
+        v = student.velocity(z0)
+        mixed = student.mix(z0, v, torch.tensor([0.4, 1.0]))
         plain_z0 = plain.encode(lr)
         plain_v = plain.velocity(plain_z0)
-        for p in film.film.parameters():
+        for p in added.parameters():
             torch.nn.init.normal_(p, std=0.01)
-        moved = [_max_diff(film(lr, a), plain(lr, a)) for a in alphas]
+        moved = [_max_diff(student(lr, a), plain(lr, a)) for a in alphas]
     assert not z0[:, -1].any() and bool((v[:, -1] == 1).all())
     assert torch.allclose(mixed[:, -1].mean((1, 2)), torch.tensor([0.4, 1.0]))
     assert _max_diff(z0[:, :-1], plain_z0) == 0 and _max_diff(v[:, :-1], plain_v) == 0
     assert moved[0] == 0 and moved[1] > 1e-3 and moved[2] > moved[1]
-    assert {n for n, _ in film.named_parameters() if n.startswith("film.")} <= {
-        n for p in film.trainable_parameters("stage2") for n, q in film.named_parameters() if q is p
-    }
+    trainable = {id(p) for p in student.trainable_parameters("stage2")}
+    assert all(id(p) in trainable for p in added.parameters())
+    assert not any(id(p) in trainable for p in student.decoder.parameters())
 
 
-@pytest.mark.parametrize("arch", [{"upsampler": "bilinear"}, {"lr_skip": "yes"}, {"path_film": 1}, {"features": True}])
+@pytest.mark.parametrize(
+    "arch", [{"upsampler": "bilinear"}, {"lr_skip": "yes"}, {"path_film": 1}, {"features": True}, {"path_delta": True}]
+)
 def test_compact_bad_upsampler_settings_are_refused(arch: dict[str, object]) -> None:
     config = load_preset("compact-x4")
     config.arch = {**config.arch, **arch}

@@ -24,6 +24,13 @@ after its first conv, each residual block and its last conv), with both vectors 
 a new ``path_film`` model decodes exactly like the same weights without it. (Tried on the
 bundled release and not adopted; its card has the numbers.)
 
+``path_delta`` gives the fidelity end a decoder of its own without a second network: every
+decoder convolution ``W`` gets a parallel convolution ``D`` (zero when built) whose output is
+scaled by the path position, ``W h + p · D h``. The decoder at alpha is then ``W + alpha · D``:
+the realness end decodes with ``W`` exactly and the fidelity end with ``W + D``, so training the
+fidelity end (``D``, the velocity) cannot move the realness end, which a shared decoder did.
+Needs the ``direct`` upsampler (every decoder convolution at LR size, where ``p`` lives).
+
 No normalisation layers, so a tile's output equals the matching crop of the whole image's
 output once the tile is wider than the receptive field (the tiling tests rely on this).
 """
@@ -42,7 +49,7 @@ from ..errors import ConfigError
 from ..registry import ARCH_REGISTRY
 from ..resample import bicubic_upscale
 from ..student import CTSRStudent
-from .blocks import PixelShuffleUpsampler, conv_trunk
+from .blocks import PixelShuffleUpsampler, ResidualBlock, conv_trunk
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -59,6 +66,7 @@ class CompactArch:
     upsampler: str = "pixelshuffle"  # or "direct" (see the module docstring)
     lr_skip: bool = False
     path_film: bool = False  # the decoder modulated by the path position (see the module docstring)
+    path_delta: bool = False  # each decoder conv plus a path-scaled one (see the module docstring)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # by declared type (the annotations are strings here)
@@ -70,6 +78,13 @@ class CompactArch:
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
         if self.upsampler not in ("pixelshuffle", "direct"):
             raise ValueError(f"upsampler must be 'pixelshuffle' or 'direct', not {self.upsampler!r}")
+        if self.path_delta and self.upsampler != "direct":
+            raise ValueError("path_delta needs upsampler 'direct' (every decoder conv at LR size)")
+
+    @property
+    def path_position(self) -> bool:
+        """Whether the latent carries the path position (an extra channel after ``z``)."""
+        return self.path_film or self.path_delta
 
 
 class PathModulation(nn.Module):
@@ -94,6 +109,17 @@ class PathModulation(nn.Module):
         shift = (self.GAIN * self.shift[k]).to(h.dtype).view(1, -1, 1, 1)
         out: torch.Tensor = h * (1 + position * scale) + position * shift
         return out
+
+
+def zero_conv_like(conv: nn.Conv2d) -> nn.Conv2d:
+    """A 3×3 convolution shaped like ``conv`` (every compact conv is one) with zero weight and
+    bias: a branch that starts inert."""
+    assert conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+    branch = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+    assert branch.bias is not None
+    nn.init.zeros_(branch.weight)
+    nn.init.zeros_(branch.bias)
+    return branch
 
 
 @ARCH_REGISTRY.register("compact")
@@ -121,8 +147,11 @@ class CompactStudent(CTSRStudent):
             nn.init.zeros_(last.bias)
         if a.path_film:
             self.film: PathModulation = PathModulation([f] * (a.decoder_blocks + 1) + [up])
-        #: channels the latent carries after ``z``: the input (lr_skip), the path position (path_film)
-        self.extra_channels = 3 * a.lr_skip + a.path_film
+        if a.path_delta:  # one branch per decoder conv, in the order _decode_on_path meets them
+            convs = [m for m in self.decoder.modules() if isinstance(m, nn.Conv2d)]
+            self.delta = nn.ModuleList(zero_conv_like(c) for c in convs)
+        #: channels the latent carries after ``z``: the input (lr_skip), the path position
+        self.extra_channels = 3 * a.lr_skip + a.path_position
 
     def encode(self, lr: torch.Tensor) -> torch.Tensor:
         z: torch.Tensor = self.encoder(lr * 2 - 1)
@@ -130,7 +159,7 @@ class CompactStudent(CTSRStudent):
         parts = [z0]
         if self.arch.lr_skip:
             parts.append(lr.to(z0.dtype))
-        if self.arch.path_film:
+        if self.arch.path_position:
             parts.append(z0.new_zeros(z0.shape[0], 1, *z0.shape[2:]))  # path position 0: the realness end
         return torch.cat(parts, dim=1) if len(parts) > 1 else z0
 
@@ -139,28 +168,41 @@ class CompactStudent(CTSRStudent):
         if not self.extra_channels:
             return v
         parts = [v, torch.zeros_like(z0[:, v.shape[1] : v.shape[1] + 3 * self.arch.lr_skip])]
-        if self.arch.path_film:
+        if self.arch.path_position:
             parts.append(torch.ones_like(z0[:, -1:]))  # z0 + alpha * v carries alpha itself
         return torch.cat(parts, dim=1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         c = self.arch.latent_channels
-        x = self._decode_film(z[:, :c], z[:, -1:]) if self.arch.path_film else self.decoder(z[:, :c])
+        x = self._decode_on_path(z[:, :c], z[:, -1:]) if self.arch.path_position else self.decoder(z[:, :c])
         if not self.arch.lr_skip:
             return (x + 1) / 2
         lr = z[:, c : c + 3]
         return x / 2 + bicubic_upscale(lr, self.scale)
 
-    def _decode_film(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """``self.decoder`` with :class:`PathModulation` after its trunk's first conv, blocks and last conv."""
-        trunk, film = self.decoder[0], self.film
+    def _decode_on_path(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``self.decoder`` told the path position: :class:`PathModulation` after its trunk's first
+        conv, blocks and last conv (``path_film``), a position-scaled branch beside every conv
+        (``path_delta``)."""
+        trunk = self.decoder[0]
         assert isinstance(trunk, nn.Sequential)
-        h = film(trunk[1](trunk[0](x)), position, 0)
+        branches = iter(self.delta) if self.arch.path_delta else None
+
+        def conv(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = layer(h)
+            return out if branches is None else out + position * next(branches)(h)
+
+        def film(h: torch.Tensor, k: int) -> torch.Tensor:
+            return self.film(h, position, k) if self.arch.path_film else h
+
+        h = film(trunk[1](conv(trunk[0], x)), 0)
         blocks: list[nn.Module] = list(trunk)[2:-1]
         for k, block in enumerate(blocks, start=1):
-            h = film(block(h), position, k)
-        h = film(trunk[-1](h), position, len(trunk) - 2)
-        out: torch.Tensor = self.decoder[1:](h)
+            assert isinstance(block, ResidualBlock)
+            h = film(h + conv(block.conv2, block.act(conv(block.conv1, h))), k)
+        h = film(conv(trunk[-1], h), len(trunk) - 2)
+        h = self.decoder[1](h)  # the activation before the head
+        out: torch.Tensor = self.decoder[3:](conv(self.decoder[2], h))  # head conv(s), pixel shuffle
         return out
 
     def trainable_parameters(self, stage: str, decoder: bool = False, encoder: bool = False) -> list[nn.Parameter]:
@@ -169,7 +211,8 @@ class CompactStudent(CTSRStudent):
             "stage2": [
                 *([self.encoder, self.body] if encoder else []),
                 self.velocity_net,
-                *([self.film] if self.arch.path_film else []),  # alpha's own part of the decoder
+                *([self.film] if self.arch.path_film else []),  # alpha's own parts of the decoder
+                *([self.delta] if self.arch.path_delta else []),
                 *([self.decoder] if decoder else []),
             ],
         }
