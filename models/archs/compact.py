@@ -30,6 +30,8 @@ scaled by the path position, ``W h + p · D h``. The decoder at alpha is then ``
 the realness end decodes with ``W`` exactly and the fidelity end with ``W + D``, so training the
 fidelity end (``D``, the velocity) cannot move the realness end, which a shared decoder did.
 Needs the ``direct`` upsampler (every decoder convolution at LR size, where ``p`` lives).
+(Tried on the bundled release and not adopted: the fidelity end came nearer its teacher, the
+untrained middle of the path fell behind the teachers' mixes; its card has the numbers.)
 
 No normalisation layers, so a tile's output equals the matching crop of the whole image's
 output once the tile is wider than the receptive field (the tiling tests rely on this).
