@@ -60,7 +60,7 @@ def compact_config(**arch: int | str | bool) -> StudentConfig:
 def make_compact(velocity_gain: float = 1.0, seed: int = 0, **arch: int | str | bool) -> models.CTSRStudent:
     """A small compact student; ``velocity_gain`` scales the velocity head so alpha matters a lot.
     With ``lr_skip`` the output head (zero when built, i.e. bicubic) gets random weights, with
-    ``path_film`` / ``path_delta`` the decoder's path modulation / branches (zero when built, i.e.
+    ``path_film`` / ``path_delta`` / ``path_bend`` the decoder's path modulation / branches (zero when built, i.e.
     no effect) too."""
     torch.manual_seed(seed)
     student = models.build_student(compact_config(**arch)).eval()
@@ -72,10 +72,11 @@ def make_compact(velocity_gain: float = 1.0, seed: int = 0, **arch: int | str | 
         with torch.no_grad():
             for p in student.film.parameters():
                 torch.nn.init.normal_(p, std=0.01)  # ×GAIN 30 when used
-    if arch.get("path_delta"):
-        with torch.no_grad():
-            for p in student.delta.parameters():
-                torch.nn.init.normal_(p, std=0.02)
+    for option, branches in (("path_delta", "delta"), ("path_bend", "bend")):
+        if arch.get(option):
+            with torch.no_grad():
+                for p in getattr(student, branches).parameters():
+                    torch.nn.init.normal_(p, std=0.02)
     if velocity_gain != 1.0:
         head = student.velocity_net[-1]
         with torch.no_grad():

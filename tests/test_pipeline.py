@@ -154,7 +154,7 @@ def test_the_half_precision_host_canvas_moves_a_pixel_one_level_at_most(
     assert steps.mean() < 0.05, f"{steps.mean():.3f} of the values moved"
 
 
-@pytest.mark.parametrize("path_option", [None, "path_film", "path_delta"])
+@pytest.mark.parametrize("path_option", [None, "path_film", "path_delta", "path_bend"])
 def test_tiled_lr_skip_output_equals_whole_image(path_option: str | None) -> None:
     """The LR skip's bicubic upscaling reads past a tile's edge like a convolution does: the overlap
     hides it. An image smaller than a tile comes back exactly as whole-image inference. The path

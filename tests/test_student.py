@@ -25,9 +25,17 @@ from models.bandsplit import gaussian_blur
 from models.presets import load_preset
 
 #: ``compact-direct``: the compact family with the LR skip and the LR-size upsampler.
-FAMILIES = ["compact", "compact-direct", "compact-film", "compact-delta", "rrdb", "sd21"]
+FAMILIES = ["compact", "compact-direct", "compact-film", "compact-delta", "compact-bend", "rrdb", "sd21"]
 #: compact and rrdb have no normalisation; sd21's GroupNorm/attention reductions depend a little on batch.
-TOL = {"compact": 1e-5, "compact-direct": 1e-5, "compact-film": 1e-5, "compact-delta": 1e-5, "rrdb": 1e-5, "sd21": 1e-4}
+TOL = {
+    "compact": 1e-5,
+    "compact-direct": 1e-5,
+    "compact-film": 1e-5,
+    "compact-delta": 1e-5,
+    "compact-bend": 1e-5,
+    "rrdb": 1e-5,
+    "sd21": 1e-4,
+}
 
 
 def _make_compact_direct() -> models.CTSRStudent:
@@ -42,12 +50,17 @@ def _make_compact_delta() -> models.CTSRStudent:
     return make_compact(upsampler="direct", lr_skip=True, path_delta=True)
 
 
+def _make_compact_bend() -> models.CTSRStudent:
+    return make_compact(upsampler="direct", lr_skip=True, path_delta=True, path_bend=True)
+
+
 def _student(family: str) -> models.CTSRStudent:
     return {
         "compact": make_compact,
         "compact-direct": _make_compact_direct,
         "compact-film": _make_compact_film,
         "compact-delta": _make_compact_delta,
+        "compact-bend": _make_compact_bend,
         "rrdb": make_rrdb,
         "sd21": make_sd21,
     }[family]()
@@ -220,8 +233,35 @@ def test_compact_path_options_start_as_the_same_weights_without_them_and_read_al
     assert not any(id(p) in trainable for p in student.decoder.parameters())
 
 
+def test_compact_path_bend_moves_only_the_middle_of_the_path() -> None:
+    """``path_bend``'s branches are scaled by ``p(1 - p)``: zero when built, and once trained they
+    change every alpha strictly between the ends and neither end; they train in stage 2."""
+    delta = _make_compact_delta()
+    student = models.build_student(
+        compact_config(upsampler="direct", lr_skip=True, path_delta=True, path_bend=True)
+    ).eval()
+    student.load_state_dict(delta.state_dict(), strict=False)
+    lr, alphas = _lr("compact", 2), [0.0, 0.25, 0.5, 1.0]
+    with torch.no_grad():
+        assert _max_diff(student.sweep(lr, alphas), delta.sweep(lr, alphas)) == 0
+        for p in student.bend.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        moved = [_max_diff(student(lr, a), delta(lr, a)) for a in alphas]
+    assert moved[0] == 0 and moved[3] == 0 and moved[1] > 1e-3 and moved[2] > 1e-3
+    trainable = {id(p) for p in student.trainable_parameters("stage2")}
+    assert all(id(p) in trainable for p in student.bend.parameters())
+
+
 @pytest.mark.parametrize(
-    "arch", [{"upsampler": "bilinear"}, {"lr_skip": "yes"}, {"path_film": 1}, {"features": True}, {"path_delta": True}]
+    "arch",
+    [
+        {"upsampler": "bilinear"},
+        {"lr_skip": "yes"},
+        {"path_film": 1},
+        {"features": True},
+        {"path_delta": True},
+        {"path_bend": True},
+    ],
 )
 def test_compact_bad_upsampler_settings_are_refused(arch: dict[str, object]) -> None:
     config = load_preset("compact-x4")

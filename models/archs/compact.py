@@ -33,12 +33,18 @@ Needs the ``direct`` upsampler (every decoder convolution at LR size, where ``p`
 (Tried on the bundled release and not adopted: the fidelity end came nearer its teacher, the
 untrained middle of the path fell behind the teachers' mixes; its card has the numbers.)
 
+``path_bend`` trains the middle of the path against two fixed ends: one more zero-init branch
+``B`` beside every decoder convolution, scaled by ``p · (1 - p)``, so the decoder at alpha is
+``W + alpha · D + alpha · (1 - alpha) · B``. ``B`` cannot move alpha = 0 or alpha = 1, so with
+``D`` and the velocity frozen a run trains only what lies between two ends that stay as they are.
+
 No normalisation layers, so a tile's output equals the matching crop of the whole image's
 output once the tile is wider than the receptive field (the tiling tests rely on this).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -69,6 +75,7 @@ class CompactArch:
     lr_skip: bool = False
     path_film: bool = False  # the decoder modulated by the path position (see the module docstring)
     path_delta: bool = False  # each decoder conv plus a path-scaled one (see the module docstring)
+    path_bend: bool = False  # and one scaled by p(1 - p), zero at both ends (see the module docstring)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # by declared type (the annotations are strings here)
@@ -80,13 +87,14 @@ class CompactArch:
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
         if self.upsampler not in ("pixelshuffle", "direct"):
             raise ValueError(f"upsampler must be 'pixelshuffle' or 'direct', not {self.upsampler!r}")
-        if self.path_delta and self.upsampler != "direct":
-            raise ValueError("path_delta needs upsampler 'direct' (every decoder conv at LR size)")
+        for option in ("path_delta", "path_bend"):
+            if getattr(self, option) and self.upsampler != "direct":
+                raise ValueError(f"{option} needs upsampler 'direct' (every decoder conv at LR size)")
 
     @property
     def path_position(self) -> bool:
         """Whether the latent carries the path position (an extra channel after ``z``)."""
-        return self.path_film or self.path_delta
+        return self.path_film or self.path_delta or self.path_bend
 
 
 class PathModulation(nn.Module):
@@ -149,9 +157,11 @@ class CompactStudent(CTSRStudent):
             nn.init.zeros_(last.bias)
         if a.path_film:
             self.film: PathModulation = PathModulation([f] * (a.decoder_blocks + 1) + [up])
-        if a.path_delta:  # one branch per decoder conv, in the order _decode_on_path meets them
-            convs = [m for m in self.decoder.modules() if isinstance(m, nn.Conv2d)]
+        convs = [m for m in self.decoder.modules() if isinstance(m, nn.Conv2d)]  # in _decode_on_path's order
+        if a.path_delta:
             self.delta = nn.ModuleList(zero_conv_like(c) for c in convs)
+        if a.path_bend:
+            self.bend = nn.ModuleList(zero_conv_like(c) for c in convs)
         #: channels the latent carries after ``z``: the input (lr_skip), the path position
         self.extra_channels = 3 * a.lr_skip + a.path_position
 
@@ -184,15 +194,21 @@ class CompactStudent(CTSRStudent):
 
     def _decode_on_path(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """``self.decoder`` told the path position: :class:`PathModulation` after its trunk's first
-        conv, blocks and last conv (``path_film``), a position-scaled branch beside every conv
-        (``path_delta``)."""
+        conv, blocks and last conv (``path_film``), branches beside every conv scaled by the
+        position (``path_delta``) and by ``p(1 - p)`` (``path_bend``)."""
         trunk = self.decoder[0]
         assert isinstance(trunk, nn.Sequential)
-        branches = iter(self.delta) if self.arch.path_delta else None
+        branches: list[tuple[Iterator[nn.Module], torch.Tensor]] = []
+        if self.arch.path_delta:
+            branches.append((iter(self.delta), position))
+        if self.arch.path_bend:
+            branches.append((iter(self.bend), position * (1 - position)))
 
         def conv(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
             out: torch.Tensor = layer(h)
-            return out if branches is None else out + position * next(branches)(h)
+            for modules, scale in branches:
+                out = out + scale * next(modules)(h)
+            return out
 
         def film(h: torch.Tensor, k: int) -> torch.Tensor:
             return self.film(h, position, k) if self.arch.path_film else h
@@ -215,6 +231,7 @@ class CompactStudent(CTSRStudent):
                 self.velocity_net,
                 *([self.film] if self.arch.path_film else []),  # alpha's own parts of the decoder
                 *([self.delta] if self.arch.path_delta else []),
+                *([self.bend] if self.arch.path_bend else []),
                 *([self.decoder] if decoder else []),
             ],
         }
