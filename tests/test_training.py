@@ -244,6 +244,37 @@ def test_stage2_can_adapt_the_encoder_too(
         build_student(load_preset("rrdb-tiny")).trainable_parameters("stage2", encoder=True)
 
 
+def test_freeze_trains_only_the_middle_of_the_path_between_fixed_ends(
+    pairs: PairSet, fidelity_teacher: Path, small_preset: str, tmp_path: Path
+) -> None:
+    """``freeze`` keeps named parts out of training: with compact's ``path_bend`` and the velocity
+    and ``delta`` frozen, only the middle of the path moves; alpha = 0 and alpha = 1 stay bit for
+    bit. A part the student does not have is a clear error."""
+    from models import build_student, load_student
+    from models.presets import load_preset
+
+    config = load_preset(small_preset)
+    config.arch = {**config.arch, "upsampler": "direct", "lr_skip": True, "path_delta": True, "path_bend": True}
+    torch.manual_seed(0)
+    start = build_student(config)
+    with torch.no_grad():
+        for p in [*start.delta.parameters(), *start.decoder[2].parameters()]:
+            torch.nn.init.normal_(p, std=0.02)  # a fidelity end of its own, as after a first run
+    init = start.save_pretrained(tmp_path / "init")
+    kw = {"stage": "stage2", "init": str(init), "steps": 6, "lr": 2e-3, "fidelity_teacher": str(fidelity_teacher),
+          "loss": {"fidelity": 1.0}, "alpha_ends": [0.0, 0.0]}  # fmt: skip
+    out = train(_config(pairs, tmp_path / "s2", freeze=["velocity_net", "delta"], **kw), progress=False)
+    before, after = load_student(init), load_student(out)
+    a, b = before.state_dict(), after.state_dict()
+    assert {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])} == {"bend"}
+    lr = pairs.lr[:2].float() / 255
+    with torch.no_grad():
+        ends = [torch.equal(before(lr, x), after(lr, x)) for x in (0.0, 1.0)]
+        assert ends == [True, True] and not torch.allclose(before(lr, 0.5), after(lr, 0.5))
+    with pytest.raises(ConfigError, match="freeze: compact has no part 'velocity'"):
+        train(_config(pairs, tmp_path / "bad", freeze=["velocity"], **kw), progress=False)
+
+
 def test_init_weights_carries_an_architecture_change_over_what_matches(
     pairs: PairSet, fidelity_teacher: Path, small_preset: str, tmp_path: Path
 ) -> None:
@@ -335,6 +366,37 @@ def test_resume_continues_exactly_where_it_stopped(
     a, b = load_student(whole).state_dict(), load_student(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+
+
+def test_ema_saves_the_average_trains_the_live_weights_and_resumes_exactly(
+    pairs: PairSet, small_preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``ema_decay`` the saved model is the weights' moving average: training follows exactly
+    the path it takes without one (same losses, same live weights), the checkpoint differs from
+    those live weights, and a killed run resumes bit-for-bit."""
+    from models import load_student
+
+    kw = {"stage": "stage1", "init": small_preset, "loss": {"reconstruction": 1.0}, "lr": 1e-3, "steps": 20}
+    plain = train(_config(pairs, tmp_path / "plain", **kw), progress=False)
+    averaged = train(_config(pairs, tmp_path / "ema", ema_decay=0.9, **kw), progress=False)
+    assert _losses(tmp_path / "ema") == _losses(tmp_path / "plain")
+    live = torch.load(checkpoints(tmp_path / "ema")[-1] / "trainer_state.pt", weights_only=False)["live_weights"]
+    student = load_student(plain)
+    trained = student.trainable_parameters("stage1", decoder=False, encoder=False)
+    assert len(live) == len(trained) and all(torch.equal(a, b) for a, b in zip(live, trained, strict=True))
+    a, b = load_student(plain).state_dict(), load_student(averaged).state_dict()
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    assert moved and all((a[k] - b[k]).abs().max() < 0.05 for k in moved)  # near the live weights, not them
+
+    with _crash_at_batch(13, monkeypatch), pytest.raises(KeyboardInterrupt):
+        train(_config(pairs, tmp_path / "split", ema_decay=0.9, **kw), progress=False)
+    with pytest.raises(ConfigError, match="resume it with the same ema_decay"):
+        train(_config(pairs, tmp_path / "split", **kw), resume=True, progress=False)
+    resumed = train(_config(pairs, tmp_path / "split", ema_decay=0.9, **kw), resume=True, progress=False)
+    c, d = load_student(averaged).state_dict(), load_student(resumed).state_dict()
+    assert all(torch.equal(c[k], d[k]) for k in c)
+    with pytest.raises(ConfigError, match="ema_decay must be between 0 and 1"):
+        _config(pairs, tmp_path / "bad", ema_decay=1.0, **kw)
 
 
 def test_training_on_two_pairs_folders_draws_from_both(pairs: PairSet, small_preset: str, tmp_path: Path) -> None:

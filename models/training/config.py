@@ -76,6 +76,10 @@ class TrainConfig:
     #: stage2: adapt the encoder as well (compact), so the alpha = 1 path gets the whole network's
     #: depth; z0 then changes during training and is not cached.
     train_encoder: bool = False
+    #: Student parts (attribute names, e.g. "velocity_net", "delta") kept frozen that the stage would
+    #: otherwise train: with compact's ``path_bend``, freezing the velocity and ``delta`` trains only
+    #: the middle of the path between two ends that stay as they are.
+    freeze: list[str] = field(default_factory=list)
     #: stage2: "fidelity_teacher" starts the velocity from the fidelity teacher's own blocks
     #: (rrdb with arch.velocity "branch"); null: from the model's own initialisation.
     velocity_init: str | None = None
@@ -98,6 +102,9 @@ class TrainConfig:
     lr_min: float = 1e-6
     warmup: int = 100
     grad_clip: float = 1.0
+    #: Checkpoints and ``final/`` hold an exponential moving average of the trained weights with
+    #: this decay (``ema.py``; e.g. 0.999); null saves the live weights.
+    ema_decay: float | None = None
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, off
@@ -130,6 +137,8 @@ class TrainConfig:
             raise ConfigError("loss.fidelity > 0 needs 'fidelity_teacher'")
         BandSplit.from_config(self.band_split)  # a bad setting fails here, not after training
         self.alpha_ends = self._checked_alpha_ends()
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be between 0 and 1 (exclusive) or null, not {self.ema_decay!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"amp must be auto, bf16 or off, not {self.amp!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "teacher_batch"):

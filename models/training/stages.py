@@ -155,7 +155,14 @@ class _StudentStage(Stage):
 
     def parameters(self) -> list[nn.Parameter]:
         c = self.config
-        return self.student.trainable_parameters(self.stage_name, decoder=c.train_decoder, encoder=c.train_encoder)
+        frozen = set()
+        for name in c.freeze:
+            try:
+                frozen |= {id(p) for p in self.student.get_submodule(name).parameters()}
+            except AttributeError:
+                raise ConfigError(f"freeze: {self.student.family} has no part {name!r}") from None
+        trained = self.student.trainable_parameters(self.stage_name, decoder=c.train_decoder, encoder=c.train_encoder)
+        return [p for p in trained if id(p) not in frozen]
 
     def save(self, folder: Path, provenance: dict[str, Any]) -> Path:
         return self.student.save_pretrained(folder, provenance)

@@ -2,7 +2,9 @@
 
 An output folder holds ``log.jsonl`` (one line per logged step), ``checkpoint-NNNNNN/`` folders
 (the model in its own checkpoint format + ``trainer_state.pt``: optimiser, schedule, step, RNG)
-and, when the run ends, ``final/``. ``resume=True`` continues from the newest checkpoint.
+and, when the run ends, ``final/``. ``resume=True`` continues from the newest checkpoint. With
+``ema_decay`` the saved models hold the weights' moving average and ``trainer_state.pt`` the live
+weights that training continues from.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..errors import ConfigError
 from ..teachers.loading import load_teacher, teacher_name
 from .cache import cached_inputs, teacher_outputs
 from .config import TrainConfig
+from .ema import WeightAverage
 from .pairs import PairSet
 from .stages import Stage, build_stage
 
@@ -70,6 +73,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.elapsed = 0.0  # training seconds so far (carried across resumes)
+        self.average: WeightAverage | None = None
 
     def _progress(self) -> float:
         c = self.config
@@ -143,6 +147,8 @@ class Trainer:
         for p in params:
             p.requires_grad_(True)
         model.train()
+        if c.ema_decay is not None:
+            self.average = WeightAverage(params, c.ema_decay)
         optim = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.99))
         critic = self.stage.critic
         optim_critic = None
@@ -176,6 +182,8 @@ class Trainer:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                 optim.step()
+                if self.average is not None:
+                    self.average.update(self.step + 1)
                 if optim_critic is not None:
                     with self._autocast():
                         terms["critic"] = self.stage.critic_loss(batch)
@@ -204,8 +212,12 @@ class Trainer:
             log.close()
         model.eval()
         final = self.output / FINAL_NAME
-        self.stage.save(final, self._provenance())
+        with self._saved_weights():
+            self.stage.save(final, self._provenance())
         return final
+
+    def _saved_weights(self) -> contextlib.AbstractContextManager[None]:
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     # -- checkpoints -------------------------------------------------------------------------
     def _provenance(self) -> dict[str, Any]:
@@ -217,9 +229,12 @@ class Trainer:
 
     def _checkpoint(self, optim: torch.optim.Optimizer, optim_critic: torch.optim.Optimizer | None) -> None:
         folder = self.output / f"checkpoint-{self.step:06d}"
-        self.stage.save(folder, self._provenance())
+        with self._saved_weights():
+            self.stage.save(folder, self._provenance())
         state = {"step": self.step, "elapsed": self.elapsed, "optimizer": optim.state_dict(),
                  "generator": self.gen.get_state()}  # fmt: skip
+        if self.average is not None:
+            state["live_weights"] = self.average.live_weights()
         stage_gen = getattr(self.stage, "gen", None)
         if stage_gen is not None:
             state["stage_generator"] = stage_gen.get_state()
@@ -239,6 +254,13 @@ class Trainer:
         self.stage.load_weights(folder)
         self.stage.model.to(self.device)
         state = torch.load(folder / STATE_NAME, map_location=self.device, weights_only=False)
+        if self.average is not None:
+            if "live_weights" not in state:
+                raise ConfigError(f"{folder}: saved without ema_decay; resume it without ema_decay too")
+            self.average.reset_from_model()  # the checkpoint's model files hold the average
+            self.average.load_live_weights(state["live_weights"])
+        elif "live_weights" in state:
+            raise ConfigError(f"{folder}: saved with ema_decay; resume it with the same ema_decay")
         optim.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"])
         if "stage_generator" in state:
