@@ -271,8 +271,11 @@ def test_freeze_trains_only_the_middle_of_the_path_between_fixed_ends(
     with torch.no_grad():
         ends = [torch.equal(before(lr, x), after(lr, x)) for x in (0.0, 1.0)]
         assert ends == [True, True] and not torch.allclose(before(lr, 0.5), after(lr, 0.5))
+    assert after.config.provenance["trained_stage2"]["frozen"] == ["velocity_net", "delta"]
     with pytest.raises(ConfigError, match="freeze: compact has no part 'velocity'"):
         train(_config(pairs, tmp_path / "bad", freeze=["velocity"], **kw), progress=False)
+    with pytest.raises(ConfigError, match="freeze must be a list of part names"):
+        _config(pairs, tmp_path / "bad", freeze="delta", **kw)
 
 
 def test_init_weights_carries_an_architecture_change_over_what_matches(
@@ -395,6 +398,7 @@ def test_ema_saves_the_average_trains_the_live_weights_and_resumes_exactly(
     resumed = train(_config(pairs, tmp_path / "split", ema_decay=0.9, **kw), resume=True, progress=False)
     c, d = load_student(averaged).state_dict(), load_student(resumed).state_dict()
     assert all(torch.equal(c[k], d[k]) for k in c)
+    assert load_student(averaged).config.provenance["trained_stage1"]["weights"] == "moving average, decay 0.9"
     with pytest.raises(ConfigError, match="ema_decay must be between 0 and 1"):
         _config(pairs, tmp_path / "bad", ema_decay=1.0, **kw)
 

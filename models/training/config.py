@@ -137,6 +137,10 @@ class TrainConfig:
             raise ConfigError("loss.fidelity > 0 needs 'fidelity_teacher'")
         BandSplit.from_config(self.band_split)  # a bad setting fails here, not after training
         self.alpha_ends = self._checked_alpha_ends()
+        if not isinstance(self.freeze, list) or not all(isinstance(n, str) for n in self.freeze):
+            raise ConfigError(f"freeze must be a list of part names, not {self.freeze!r}")
+        if self.freeze and self.stage not in ("stage1", "stage2"):
+            raise ConfigError("freeze is for student stages (stage1, stage2)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be between 0 and 1 (exclusive) or null, not {self.ema_decay!r}")
         if self.amp not in ("auto", "bf16", "off"):

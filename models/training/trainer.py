@@ -225,6 +225,10 @@ class Trainer:
         record = {"steps": self.step, "seconds": round(self.elapsed, 1), "device": str(self.device),
                   "pairs": "+".join(p.fingerprint for p in self.pair_sets),
                   "photos": max(p.photos for p in self.pair_sets)}  # fmt: skip
+        if self.config.ema_decay is not None:
+            record["weights"] = f"moving average, decay {self.config.ema_decay}"
+        if self.config.freeze:
+            record["frozen"] = list(self.config.freeze)
         return {self.record_key: record}
 
     def _checkpoint(self, optim: torch.optim.Optimizer, optim_critic: torch.optim.Optimizer | None) -> None:
