@@ -37,6 +37,8 @@ untrained middle of the path fell behind the teachers' mixes; its card has the n
 ``B`` beside every decoder convolution, scaled by ``p · (1 - p)``, so the decoder at alpha is
 ``W + alpha · D + alpha · (1 - alpha) · B``. ``B`` cannot move alpha = 0 or alpha = 1, so with
 ``D`` and the velocity frozen a run trains only what lies between two ends that stay as they are.
+(Tried on a ``path_delta`` run and not adopted: alpha = .25 and .5 gained, alpha = .5 still lost to
+the teachers' pixel blend; the card has the numbers.)
 
 No normalisation layers, so a tile's output equals the matching crop of the whole image's
 output once the tile is wider than the receptive field (the tiling tests rely on this).
