@@ -2,7 +2,7 @@
 
 The compact student's fidelity end, trained on a CPU, wandered: its held-out alpha = 1 PSNR swung
 by up to half a dB between checkpoints 250 steps apart. With the weights averaged over the last
-thousand or so steps (Real-ESRGAN keeps such an average, decay 0.999) it stayed within 0.1 dB
+thousand or so steps (Real-ESRGAN keeps such an average, decay 0.999) it moved by 0.14 dB at most
 (the compact card has both runs). Training itself always continues from the live weights; only
 what is saved is averaged.
 """
