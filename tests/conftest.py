@@ -60,8 +60,8 @@ def compact_config(**arch: int | str | bool) -> StudentConfig:
 def make_compact(velocity_gain: float = 1.0, seed: int = 0, **arch: int | str | bool) -> models.CTSRStudent:
     """A small compact student; ``velocity_gain`` scales the velocity head so alpha matters a lot.
     With ``lr_skip`` the output head (zero when built, i.e. bicubic) gets random weights, with
-    ``path_film`` / ``path_delta`` / ``path_bend`` the decoder's path modulation / branches (zero when built, i.e.
-    no effect) too."""
+    ``path_film`` / ``path_delta`` / ``path_bend`` the decoder's path modulation / branches (zero
+    when built, i.e. no effect) too."""
     torch.manual_seed(seed)
     student = models.build_student(compact_config(**arch)).eval()
     if arch.get("lr_skip"):

@@ -158,7 +158,8 @@ def test_the_half_precision_host_canvas_moves_a_pixel_one_level_at_most(
 def test_tiled_lr_skip_output_equals_whole_image(path_option: str | None) -> None:
     """The LR skip's bicubic upscaling reads past a tile's edge like a convolution does: the overlap
     hides it. An image smaller than a tile comes back exactly as whole-image inference. The path
-    position the ``path_film`` / ``path_delta`` latent carries is the same everywhere, tile or not."""
+    position the ``path_film`` / ``path_delta`` / ``path_bend`` latent carries is the same everywhere,
+    tile or not."""
     options = {path_option: True} if path_option else {}
     student = make_compact(velocity_gain=30.0, upsampler="direct", lr_skip=True, **options)
     runner = TileRunner(student, device="cpu")
