@@ -13,8 +13,15 @@ from typing import Any
 def add_parsers(sub: Any, positive: Any, alpha: Any) -> None:
     data = sub.add_parser("data", help="fetch training photos and make LR/HR training pairs")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    fetch = dsub.add_parser("fetch", help="download the bundled model's photos (two Debian packages) + manifest")
+    fetch = dsub.add_parser("fetch", help="download training photos (Debian packages) + their manifest")
     fetch.add_argument("dest", type=Path, metavar="DIR")
+    fetch.add_argument(
+        "--set",
+        dest="photo_set",
+        choices=("bundled", "more"),
+        default="bundled",
+        help="bundled: the bundled models' 27 photos (23 train, 4 held out); more: 13 further training photos",
+    )
     fetch.set_defaults(handler=cmd_data_fetch)
     pairs = dsub.add_parser("pairs", help="crop + degrade photos into fixed, seeded training pairs")
     pairs.add_argument("photos", type=Path, metavar="PHOTOS", help="a folder of photos (or a fetched one)")
@@ -75,7 +82,7 @@ def add_parsers(sub: Any, positive: Any, alpha: Any) -> None:
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     from models.training.photos import fetch_photos
 
-    photos = fetch_photos(args.dest)
+    photos = fetch_photos(args.dest, args.photo_set)
     held = sum(p.split == "holdout" for p in photos)
     print(f"fetched {len(photos)} photos ({held} held out for evaluation) to {args.dest}; see manifest.json")
     return 0

@@ -75,6 +75,48 @@ def test_manifest_with_a_missing_photo_is_refused(tmp_path: Path) -> None:
         photos_mod.read_manifest(tmp_path)
 
 
+def test_a_source_naming_its_photos_takes_only_those_named_after_their_folder(tmp_path: Path) -> None:
+    """KDE-style packages nest each wallpaper as <Name>/contents/images/<size>.jpg and mix photos
+    with drawn art: ``only`` picks the photos, each named after its folder, licensed by the path
+    debian/copyright knows; a named file the package lacks is a clear error."""
+    from PIL import Image
+
+    root, dest = tmp_path / "pkg", tmp_path / "photos"
+    dest.mkdir()
+    for name in ("Lake", "Drawing"):
+        images = root / "usr/share/wallpapers" / name / "contents/images"
+        images.mkdir(parents=True)
+        for size in ("2560x1600", "1280x800"):
+            Image.new("RGB", (8, 8), (len(name), 0, 0)).save(images / f"{size}.jpg")
+    doc = root / "usr/share/doc/kde-walls"
+    doc.mkdir(parents=True)
+    (doc / "copyright").write_text(COPYRIGHT.replace("16.04/a_by_X.jpg", "Lake/contents/images/2560x1600.jpg"))
+    source = photos_mod.PhotoSource("kde-walls", "usr/share/wallpapers", "*/contents/images/*.jpg", "",
+                                    ("Lake/contents/images/2560x1600.jpg",))  # fmt: skip
+    got = photos_mod.collect(source, root, "1.0", dest)
+    described = [(p.file, p.license, p.copyright, p.split) for p in got]
+    assert described == [("Lake.jpg", "CC-BY-4.0", "X, 2018 Y, 2018", "train")]
+    assert sorted(f.name for f in dest.iterdir()) == ["Lake.jpg"]
+    # Without ``only`` every size of a wallpaper would land on one name: refused, nothing overwritten.
+    with pytest.raises(ConfigError, match=r"more than one photo would be named Drawing\.jpg"):
+        photos_mod.collect(dataclasses.replace(source, only=()), root, "1.0", dest)
+    missing = dataclasses.replace(source, only=("Gone/contents/images/2560x1600.jpg",))
+    with pytest.raises(ConfigError, match=r"Gone/contents/images/2560x1600\.jpg is not in the package"):
+        photos_mod.collect(missing, root, "1.0", dest)
+    with pytest.raises(ConfigError, match=r"unknown photo set 'nope': choose from bundled, more"):
+        photos_mod.fetch_photos(tmp_path, "nope")
+
+
+def test_the_two_photo_sets_never_share_a_photo_and_only_the_bundled_one_holds_out() -> None:
+    """``more`` only adds training photos: the bundled models' evaluation photos stay the same four."""
+    named = {rel for s in photos_mod.MORE_SOURCES for rel in s.only}
+    assert len(named) == 13 and all(s.only for s in photos_mod.MORE_SOURCES)
+    bundled = {s.package for s in photos_mod.SOURCES}
+    assert bundled.isdisjoint(s.package for s in photos_mod.MORE_SOURCES)
+    stems = {Path(rel).parts[0].removesuffix(".jpg") for rel in named}
+    assert stems.isdisjoint(Path(h).stem for h in photos_mod.HOLDOUT)
+
+
 # -- pairs and caches ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> PairSet:

