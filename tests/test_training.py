@@ -314,6 +314,9 @@ def test_freeze_trains_only_the_middle_of_the_path_between_fixed_ends(
         ends = [torch.equal(before(lr, x), after(lr, x)) for x in (0.0, 1.0)]
         assert ends == [True, True] and not torch.allclose(before(lr, 0.5), after(lr, 0.5))
     assert after.config.provenance["trained_stage2"]["frozen"] == ["velocity_net", "delta"]
+    # Resuming with another list (as long as the first) would give Adam's moments to other tensors.
+    with pytest.raises(ConfigError, match=r"trains other parameters than the checkpoint \(now trains delta\."):
+        train(_config(pairs, tmp_path / "s2", freeze=["velocity_net", "bend"], **kw), resume=True, progress=False)
     with pytest.raises(ConfigError, match="freeze: compact has no part 'velocity'"):
         train(_config(pairs, tmp_path / "bad", freeze=["velocity"], **kw), progress=False)
     with pytest.raises(ConfigError, match="freeze must be a list of part names"):
@@ -428,7 +431,7 @@ def test_ema_saves_the_average_trains_the_live_weights_and_resumes_exactly(
     live = torch.load(checkpoints(tmp_path / "ema")[-1] / "trainer_state.pt", weights_only=False)["live_weights"]
     student = load_student(plain)
     trained = student.trainable_parameters("stage1", decoder=False, encoder=False)
-    assert len(live) == len(trained) and all(torch.equal(a, b) for a, b in zip(live, trained, strict=True))
+    assert len(live) == len(trained) and all(torch.equal(a, b) for a, b in zip(live.values(), trained, strict=True))
     a, b = load_student(plain).state_dict(), load_student(averaged).state_dict()
     moved = [k for k in a if not torch.equal(a[k], b[k])]
     assert moved and all((a[k] - b[k]).abs().max() < 0.05 for k in moved)  # near the live weights, not them

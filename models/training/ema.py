@@ -17,9 +17,12 @@ from torch import nn
 
 
 class WeightAverage:
-    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
-        self.params, self.decay = params, decay
-        self.average = [p.detach().clone() for p in params]
+    """The average of ``named`` (name → trained parameter); live weights are saved by name, so a
+    resume can tell whether it trains the same parameters."""
+
+    def __init__(self, named: dict[str, nn.Parameter], decay: float) -> None:
+        self.names, self.params, self.decay = list(named), list(named.values()), decay
+        self.average = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -46,10 +49,11 @@ class WeightAverage:
         finally:
             self.load_live_weights(live)
 
-    def live_weights(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params]
+    def live_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
 
     @torch.no_grad()
-    def load_live_weights(self, weights: list[torch.Tensor]) -> None:
-        for p, w in zip(self.params, weights, strict=True):
-            p.copy_(w)
+    def load_live_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy saved live weights in (the caller has checked they name the same parameters)."""
+        for n, p in zip(self.names, self.params, strict=True):
+            p.copy_(weights[n])

@@ -74,6 +74,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # training seconds so far (carried across resumes)
         self.average: WeightAverage | None = None
+        self.trained: dict[str, torch.nn.Parameter] = {}
 
     def _progress(self) -> float:
         c = self.config
@@ -147,8 +148,10 @@ class Trainer:
         for p in params:
             p.requires_grad_(True)
         model.train()
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        self.trained = {by_id[id(p)]: p for p in params}  # what checkpoints record (and a resume checks)
         if c.ema_decay is not None:
-            self.average = WeightAverage(params, c.ema_decay)
+            self.average = WeightAverage(self.trained, c.ema_decay)
         optim = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.99))
         critic = self.stage.critic
         optim_critic = None
@@ -236,7 +239,7 @@ class Trainer:
         with self._saved_weights():
             self.stage.save(folder, self._provenance())
         state = {"step": self.step, "elapsed": self.elapsed, "optimizer": optim.state_dict(),
-                 "generator": self.gen.get_state()}  # fmt: skip
+                 "generator": self.gen.get_state(), "trained": list(self.trained)}  # fmt: skip
         if self.average is not None:
             state["live_weights"] = self.average.live_weights()
         stage_gen = getattr(self.stage, "gen", None)
@@ -258,6 +261,14 @@ class Trainer:
         self.stage.load_weights(folder)
         self.stage.model.to(self.device)
         state = torch.load(folder / STATE_NAME, map_location=self.device, weights_only=False)
+        if state.get("trained", list(self.trained)) != list(self.trained):
+            # Adam's moments (and the live weights) belong to the parameters trained then: a run
+            # that now trains others (another ``freeze``, say) would pair them with the wrong ones.
+            added = sorted(set(self.trained) - set(state["trained"]))
+            dropped = sorted(set(state["trained"]) - set(self.trained))
+            change = f"now trains {added[0]}" if added else f"no longer trains {dropped[0]}" if dropped else "order"
+            raise ConfigError(f"{folder}: this run trains other parameters than the checkpoint ({change}); "
+                              "resume with the settings it was saved with")  # fmt: skip
         if self.average is not None:
             if "live_weights" not in state:
                 raise ConfigError(f"{folder}: saved without ema_decay; resume it without ema_decay too")
