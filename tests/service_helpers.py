@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +258,14 @@ class KeepSignalHandlers:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self.saved.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def torn_down(worker: Any) -> Iterator[Any]:
+    """Tear down an in-process RQ worker that a test bootstrapped itself. Its command-channel
+    thread would otherwise outlive the test, and the test's Redis: at the end of a CI run it
+    logged "could not connect to Redis instance ... retrying" after pytest's summary."""
+    try:
+        yield worker
+    finally:
+        worker.teardown()

@@ -46,6 +46,7 @@ from service_helpers import (
     pixels,
     png_header_only,
     rgba_photo,
+    torn_down,
     truncated,
     wait_for,
 )
@@ -586,16 +587,17 @@ def test_a_cancel_between_dequeue_and_start_wins_and_the_job_never_runs(stack: S
     DELETE lands. Exactly one side claims it; here the DELETE does, and the worker drops it."""
     job_id = stack.accepted(VALID)
     worker = stack.worker()
-    worker.bootstrap()
-    pulled = worker.pull(burst=True)  # dequeued: off the queue, not yet started
-    assert [job.id for job, _ in pulled] == [job_id]
-    assert Job.fetch(job_id, connection=stack.redis).get_status() == JobStatus.QUEUED
-    response = stack.client.delete(f"/jobs/{job_id}")
-    assert response.status_code == 200 and response.json()["status"] == "canceled"
+    with torn_down(worker):
+        worker.bootstrap()
+        pulled = worker.pull(burst=True)  # dequeued: off the queue, not yet started
+        assert [job.id for job, _ in pulled] == [job_id]
+        assert Job.fetch(job_id, connection=stack.redis).get_status() == JobStatus.QUEUED
+        response = stack.client.delete(f"/jobs/{job_id}")
+        assert response.status_code == 200 and response.json()["status"] == "canceled"
 
-    passes = stack.engine.forward_passes
-    worker.execute_batch(pulled)
-    assert stack.engine.forward_passes == passes  # it never ran
+        passes = stack.engine.forward_passes
+        worker.execute_batch(pulled)
+        assert stack.engine.forward_passes == passes  # it never ran
     job = Job.fetch(job_id, connection=stack.redis)
     assert job.get_status() == JobStatus.CANCELED
     assert job_id in CanceledJobRegistry(queue=stack.queue)

