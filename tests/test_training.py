@@ -452,7 +452,8 @@ def test_training_on_two_pairs_folders_draws_from_both(pairs: PairSet, small_pre
     """Pairs of two degradation models train together; each folder keeps its own teacher cache."""
     from models.training.trainer import Trainer
 
-    other = make_pairs([PHOTO], PairSpec(count=6, hr_size=32, seed=9, photo_scales=(1.0,)), tmp_path / "other", 1)
+    scene = PHOTO.with_name("seeding_256.jpg")  # another file (same scene, 256 px): photos count by sha256
+    other = make_pairs([scene], PairSpec(count=6, hr_size=32, seed=9, photo_scales=(1.0,)), tmp_path / "other", 1)
     config = _config(pairs, tmp_path / "run", stage="stage1", init=small_preset, steps=2, loss={"realness": 1.0})
     config = dataclasses.replace(config, pairs=[str(pairs.folder), str(other)])
     trainer = Trainer(config, progress=False)
@@ -464,6 +465,7 @@ def test_training_on_two_pairs_folders_draws_from_both(pairs: PairSet, small_pre
 
     record = load_student(tmp_path / "run" / "final").config.provenance["trained_stage1"]
     assert record["pairs"] == f"{pairs.fingerprint}+{PairSet.load(other).fingerprint}"
+    assert record["photos"] == 2
     with pytest.raises(ConfigError, match="not a pairs folder"):
         Trainer(dataclasses.replace(config, pairs=[str(pairs.folder), str(tmp_path)]), progress=False)
     with pytest.raises(ConfigError, match="at least one"):

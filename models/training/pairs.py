@@ -151,7 +151,7 @@ class PairSet:
     lr: torch.Tensor
     spec: PairSpec
     fingerprint: str
-    photos: int  # how many photos the crops came from
+    photos: frozenset[str]  # the sha256 of each photo the crops came from
 
     @classmethod
     def load(cls, folder: Path) -> PairSet:
@@ -164,7 +164,8 @@ class PairSet:
         meta = json.loads(meta_text)
         tensors = load_file(str(tensors_path))
         fingerprint = hashlib.sha256(meta_text.encode()).hexdigest()[:16]
-        return cls(folder, tensors["hr"], tensors["lr"], PairSpec(**meta["spec"]), fingerprint, len(meta["photos"]))
+        photos = frozenset(p["sha256"] for p in meta["photos"])
+        return cls(folder, tensors["hr"], tensors["lr"], PairSpec(**meta["spec"]), fingerprint, photos)
 
     def __len__(self) -> int:
         return self.hr.shape[0]

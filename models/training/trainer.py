@@ -227,7 +227,7 @@ class Trainer:
         # Keyed by stage, so a stage-2 checkpoint still records how its stage-1 start was trained.
         record = {"steps": self.step, "seconds": round(self.elapsed, 1), "device": str(self.device),
                   "pairs": "+".join(p.fingerprint for p in self.pair_sets),
-                  "photos": max(p.photos for p in self.pair_sets)}  # fmt: skip
+                  "photos": len(frozenset().union(*(p.photos for p in self.pair_sets)))}  # fmt: skip
         if self.config.ema_decay is not None:
             record["weights"] = f"moving average, decay {self.config.ema_decay}"
         if self.config.freeze:
