@@ -10,6 +10,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,24 @@ SMALL_COMPACT_ARCH: dict[str, int] = {
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def _command_listeners() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if type(t).__name__ == "PubSubWorkerThread" and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test() -> Iterator[None]:
+    """An in-process RQ worker a test starts must be torn down by it: its command-channel thread
+    otherwise outlives the test's Redis and, at the end of a run, logs "could not connect to
+    Redis instance ... retrying" after pytest's summary (seen in CI). ``service_helpers.torn_down``."""
+    before = _command_listeners()
+    yield
+    left = _command_listeners() - before
+    for thread in left:
+        thread.join(5)  # one that was told to stop ends with the next reply
+    if any(t.is_alive() for t in left):
+        pytest.fail("an in-process RQ worker was not torn down (its command-channel thread is still running)")
 
 
 # -- students ---------------------------------------------------------------------------------
