@@ -15,10 +15,9 @@ def add_parsers(sub: Any, positive: Any, alpha: Any) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     fetch = dsub.add_parser("fetch", help="download training photos (Debian packages) + their manifest")
     fetch.add_argument("dest", type=Path, metavar="DIR")
-    fetch.add_argument(
+    fetch.add_argument(  # the sets are models.training.photos.PHOTO_SETS, which checks the name
         "--set",
         dest="photo_set",
-        choices=("bundled", "more"),
         default="bundled",
         help="bundled: the bundled models' 27 photos (23 train, 4 held out); more: 13 further training photos",
     )

@@ -262,9 +262,8 @@ class KeepSignalHandlers:
 
 @contextlib.contextmanager
 def torn_down(worker: Any) -> Iterator[Any]:
-    """Tear down an in-process RQ worker that a test bootstrapped itself. Its command-channel
-    thread would otherwise outlive the test, and the test's Redis: at the end of a CI run it
-    logged "could not connect to Redis instance ... retrying" after pytest's summary."""
+    """Tear down an in-process RQ worker that a test bootstrapped itself (why: conftest's
+    ``_no_worker_outlives_its_test``)."""
     try:
         yield worker
     finally:
