@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = msub.add_parser("info", help="print a checkpoint's config and parameter counts")
     info.add_argument("path", type=Path, metavar="CHECKPOINT")
     info.set_defaults(handler=cmd_model_info)
+    cli_training.add_calibrate_parser(msub, _positive)
     for name, help_ in (
         ("serve", "the whole stack: embedded Redis (unless CTSR_REDIS_URL), one worker, the gateway"),
         ("gateway", "the HTTP gateway only (needs CTSR_REDIS_URL)"),

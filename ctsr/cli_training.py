@@ -78,6 +78,51 @@ def add_parsers(sub: Any, positive: Any, alpha: Any) -> None:
     ev.set_defaults(handler=cmd_eval)
 
 
+def add_calibrate_parser(msub: Any, positive: Any) -> None:
+    cal = msub.add_parser(
+        "calibrate",
+        help="set where alpha = 1 sits on a trained path: its PSNR peak on training pairs",
+        description="Decode training pairs along the student's path z0 + t * v, find where PSNR to the photos "
+        "peaks in each pairs folder and write a copy whose alpha = 1 decodes the earliest peak "
+        "(models/training/calibrate.py). Use training pairs, never evaluation photos.",
+    )
+    cal.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    cal.add_argument("--pairs", type=Path, action="append", required=True, help="a pairs folder (repeat)")
+    cal.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+    cal.add_argument("--step", type=float, default=0.05, help="path positions step, .., 1 (default 0.05)")
+    cal.add_argument("--count", type=positive, default=400, help="pairs per folder (spread over it)")
+    cal.add_argument("--overwrite", action="store_true")
+    cal.set_defaults(handler=cmd_model_calibrate)
+
+
+def cmd_model_calibrate(args: argparse.Namespace) -> int:
+    from models import load_student, save_student
+    from models.errors import ConfigError
+    from models.training.calibrate import calibrate
+    from models.training.pairs import PairSet
+
+    out = args.output
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ConfigError(f"{out} exists and is not an empty folder; pass --overwrite")
+    pair_sets = [PairSet.load(folder) for folder in args.pairs]
+    student = load_student(args.checkpoint)
+    result = calibrate(student, pair_sets, args.step, args.count)
+    names = list(result.psnr)
+    print("position  " + "  ".join(f"{n:>14}" for n in names))
+    for k, t in enumerate(result.positions):
+        cells = [f"{result.psnr[n][k]:13.3f}{'*' if result.peaks[n] == t else ' '}" for n in names]
+        print(f"{t:8.3f}  " + "  ".join(cells))
+    student.config.path_end = result.path_end if result.path_end < 1 else None
+    save_student(student, out, {"path_end_calibration": result.provenance(pair_sets)})
+    where = (
+        f"alpha = 1 now decodes path position {result.path_end:g}"
+        if result.path_end < 1
+        else ("every folder peaks at the path's end; alpha unchanged")
+    )
+    print(f"* peak per folder; {where}; wrote {out}")
+    return 0
+
+
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     from models.training.photos import fetch_photos
 

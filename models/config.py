@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 from .errors import CheckpointError, ConfigError
 
-#: 2 added ``band_split`` (a checkpoint that sets it decodes differently, so older readers refuse it).
-FORMAT_VERSION = 2
+#: 2 added ``band_split``, 3 ``path_end`` (a checkpoint that sets one decodes differently, so older
+#: readers refuse it).
+FORMAT_VERSION = 3
 CONFIG_NAME = "config.json"
 
 C = TypeVar("C")
@@ -31,11 +32,19 @@ class StudentConfig:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: Band-split decoding (``models.bandsplit``); None decodes ``z_alpha`` alone.
     band_split: dict[str, Any] | None = None
+    #: Where alpha = 1 decodes on the trained path, ``z0 + path_end * v`` (None: 1). Set after
+    #: training by ``ctsr model calibrate`` where the path's PSNR peaks before its end.
+    path_end: float | None = None
+
+    def __post_init__(self) -> None:
+        end = self.path_end
+        if end is not None and not (isinstance(end, int | float) and not isinstance(end, bool) and 0 < end <= 1):
+            raise CheckpointError(f"path_end must be a number in (0, 1], got {end!r}")
 
     @property
     def layout_version(self) -> int:
         """The oldest format that describes this config, so older readers still load what they can."""
-        return 2 if self.band_split is not None else 1
+        return 3 if self.path_end is not None else 2 if self.band_split is not None else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +53,7 @@ class StudentConfig:
             "scale": self.scale,
             "arch": self.arch,
             **({"band_split": self.band_split} if self.band_split is not None else {}),
+            **({"path_end": self.path_end} if self.path_end is not None else {}),
             "provenance": self.provenance,
         }
 
@@ -67,14 +77,18 @@ class StudentConfig:
             raise CheckpointError(f"{source}: unsupported scale {scale!r} (2, 3, 4 or 8)")
         if not isinstance(data["family"], str) or not isinstance(data["arch"], dict):
             raise CheckpointError(f"{source}: 'family' must be a string and 'arch' an object")
-        return cls(
-            family=data["family"],
-            scale=scale,
-            arch=dict(data["arch"]),
-            format_version=version,
-            provenance=dict(data.get("provenance") or {}),
-            band_split=data.get("band_split"),
-        )
+        try:
+            return cls(
+                family=data["family"],
+                scale=scale,
+                arch=dict(data["arch"]),
+                format_version=version,
+                provenance=dict(data.get("provenance") or {}),
+                band_split=data.get("band_split"),
+                path_end=data.get("path_end"),
+            )
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
 
     def save(self, folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")

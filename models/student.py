@@ -3,8 +3,10 @@
 A CTSR student maps a low-resolution image to a latent ``z0`` in one step (the stage-1 student),
 predicts a velocity ``v(z0)`` towards the fidelity teacher's latent (stage 2), and decodes
 ``z_alpha = z0 + alpha * v`` to the super-resolved image. alpha=0 is the realness end, alpha=1
-the fidelity end. The expensive parts (encode, velocity) do not depend on alpha, so a sweep over
-several alphas pays for them once and only decodes per alpha.
+the fidelity end (where the config sets ``path_end``, alpha = 1 decodes ``z0 + path_end * v``:
+the trained path cut where its PSNR peaks, see ``models.training.calibrate``). The expensive
+parts (encode, velocity) do not depend on alpha, so a sweep over several alphas pays for them
+once and only decodes per alpha.
 
 Images are float tensors ``[B, 3, H, W]`` in [0, 1]; outputs are ``[B, 3, H*scale, W*scale]``,
 not clamped (callers clamp once, after blending tiles).
@@ -97,7 +99,7 @@ class CTSRStudent(nn.Module, ABC):
         for start in range(0, len(latents), chunk):
             keys = latents[start : start + chunk]
             idx = torch.tensor([i for i, _ in keys], device=lr.device)
-            a = torch.tensor([p for _, p in keys], device=lr.device)
+            a = torch.tensor([p * self.path_end for _, p in keys], device=lr.device)
             images.update(zip(keys, self.decode(self.mix(z0[idx], None if v is None else v[idx], a)), strict=True))
         outputs = [
             images[(i, a)] if low == a else self._compose(images[(i, low)], images[(i, a)]) for i, a, low in wanted
@@ -109,6 +111,12 @@ class CTSRStudent(nn.Module, ABC):
         """Switch band-split decoding (``models.bandsplit``) on, or off with None; saved with the config."""
         self.band_split = BandSplit.from_config(settings)
         self.config.band_split = None if self.band_split is None else self.band_split.to_config()
+
+    @property
+    def path_end(self) -> float:
+        """Where alpha = 1 decodes on the trained path (1 unless calibrated); :meth:`generate` maps
+        alpha to ``alpha * path_end``. Training decodes path positions directly."""
+        return self.config.path_end or 1.0
 
     def _low_position(self, alpha: float, v: torch.Tensor | None) -> float:
         return alpha if self.band_split is None or v is None else self.band_split.low_position(alpha)

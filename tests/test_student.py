@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -494,6 +495,36 @@ def test_band_split_round_trips_and_bad_settings_are_refused(tmp_path: Path) -> 
         on_disk["band_split"] = bad
         (folder / "config.json").write_text(json.dumps(on_disk))
         with pytest.raises(models.CheckpointError, match=message):
+            models.load_student(folder)
+
+
+# -- path_end: alpha = 1 decodes a point short of the trained path's end (ctsr model calibrate) ----
+def _with_path_end(student: models.CTSRStudent, path_end: float) -> models.CTSRStudent:
+    cut = models.build_student(dataclasses.replace(student.config, path_end=path_end)).eval()
+    cut.load_state_files(student.state_files())
+    return cut
+
+
+def test_path_end_maps_alpha_linearly_onto_the_start_of_the_path(tmp_path: Path) -> None:
+    student, lr = _make_compact_direct(), _lr("compact-direct", 2)
+    cut = _with_path_end(student, 0.8)
+    with torch.no_grad():
+        raw = student.sweep(lr, [0.0, 0.4, 0.8, 1.0])
+        assert _max_diff(cut.sweep(lr, [0.0, 0.5, 1.0]), raw[:3]) <= 1e-6
+        mixed = cut(lr, torch.tensor([1.0, 0.5]))  # per-sample alphas in one batch
+        assert _max_diff(mixed[0], raw[2][0]) <= 1e-6 and _max_diff(mixed[1], raw[1][1]) <= 1e-6
+        assert _max_diff(cut(lr, 1.0), raw[3]) > 1e-3  # alpha = 1 is no longer the path's end
+        with_split = with_band_split(cut, sigma=2.0, lead=2.0)  # the low band's position is cut too
+        assert _max_diff(with_split(lr, 1.0), raw[2]) <= 1e-6
+    folder = cut.save_pretrained(tmp_path / "cut")
+    on_disk = json.loads((folder / "config.json").read_text())
+    assert on_disk["path_end"] == 0.8 and on_disk["format_version"] == 3  # older readers refuse it
+    with torch.no_grad():
+        assert _max_diff(models.load_student(folder)(lr, 1.0), raw[2]) <= 1e-6
+    for bad in (0, 1.5, -0.2, "far", True, float("nan")):
+        on_disk["path_end"] = bad
+        (folder / "config.json").write_text(json.dumps(on_disk))
+        with pytest.raises(models.CheckpointError, match=r"config.json: path_end must be a number in \(0, 1\]"):
             models.load_student(folder)
 
 

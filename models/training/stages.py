@@ -370,6 +370,9 @@ def build_stage(config: TrainConfig) -> Stage:
         student = build_student(load_preset(config.init))
     else:
         student = load_student(Path(config.init))
+        if student.config.path_end is not None:  # training moves the path; calibrate again afterwards
+            student.config.provenance["path_end_before_training"] = student.config.path_end
+            student.config.path_end = None
     if config.init_weights:
         copy_matching_weights(student, load_student(Path(config.init_weights)), config.init_weights)
     return DistillStage(config, student) if config.stage == "stage1" else VelocityStage(config, student)
