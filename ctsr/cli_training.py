@@ -98,27 +98,31 @@ def add_calibrate_parser(msub: Any, positive: Any) -> None:
 def cmd_model_calibrate(args: argparse.Namespace) -> int:
     from models import load_student, save_student
     from models.errors import ConfigError
-    from models.training.calibrate import calibrate
+    from models.training.calibrate import calibrate, path_positions
     from models.training.pairs import PairSet
 
     out = args.output
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ConfigError(f"{out} exists and is not an empty folder; pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite")
+    path_positions(args.step)  # a bad step fails before any loading
     pair_sets = [PairSet.load(folder) for folder in args.pairs]
     student = load_student(args.checkpoint)
+    before = student.config.path_end
     result = calibrate(student, pair_sets, args.step, args.count)
     names = list(result.psnr)
     print("position  " + "  ".join(f"{n:>14}" for n in names))
     for k, t in enumerate(result.positions):
         cells = [f"{result.psnr[n][k]:13.3f}{'*' if result.peaks[n] == t else ' '}" for n in names]
         print(f"{t:8.3f}  " + "  ".join(cells))
-    student.config.path_end = result.path_end if result.path_end < 1 else None
+    cut = result.path_end < 1
+    student.config.path_end = result.path_end if cut else None
     save_student(student, out, {"path_end_calibration": result.provenance(pair_sets)})
-    where = (
-        f"alpha = 1 now decodes path position {result.path_end:g}"
-        if result.path_end < 1
-        else ("every folder peaks at the path's end; alpha unchanged")
-    )
+    if cut:
+        where = f"alpha = 1 now decodes path position {result.path_end:g}"
+    else:
+        where = "alpha = 1 decodes the path's end" + (f" (was {before:g})" if before is not None else " (unchanged)")
     print(f"* peak per folder; {where}; wrote {out}")
     return 0
 

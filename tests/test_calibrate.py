@@ -64,8 +64,9 @@ def brightened_pairs(name: str, brighten: float) -> PairSet:
 
 def test_calibration_finds_each_folders_peak_and_takes_the_earliest() -> None:
     student = Line()
-    student.config.path_end = 0.3  # an earlier calibration is ignored: the raw path is scanned
+    student.config.path_end = 0.3  # an earlier calibration is ignored (the raw path is scanned) and kept
     result = calibrate(student, [brightened_pairs("a", 0.06), brightened_pairs("b", 0.09)], step=0.05)
+    assert student.config.path_end == 0.3
     assert result.peaks == {"a": 0.6, "b": 0.9} and result.path_end == 0.6
     peak = result.positions.index(0.6)
     steps = [y - x for x, y in itertools.pairwise(result.psnr["a"])]
@@ -98,35 +99,47 @@ def pairs_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_ctsr_model_calibrate_writes_a_calibrated_copy_and_training_from_it_starts_uncut(
     pairs_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    torch.manual_seed(0)
-    source = models.save_student(make_compact(velocity_gain=30.0), tmp_path / "src")
+    # a small random compact's path gains PSNR towards t = 1 (13.29 → 13.37 dB on these pairs);
+    # with its velocity reversed it loses PSNR from the first step, so the peak is the first position
+    away = models.save_student(make_compact(velocity_gain=-30.0), tmp_path / "away")
     out = tmp_path / "calibrated"
-    args = ["model", "calibrate", str(source), "--pairs", str(pairs_folder), "-o", str(out)]
+    args = ["model", "calibrate", str(away), "--pairs", str(pairs_folder), "-o", str(out)]
     assert main([*args, "--step", "0.25"]) == 0
     said = capsys.readouterr().out.splitlines()
     assert said[0].split() == ["position", "pairs"] and [line.split()[0] for line in said[1:5]] == [
         "0.250", "0.500", "0.750", "1.000",
     ]  # fmt: skip
+    assert said[1].endswith("*") and said[-1].endswith(f"alpha = 1 now decodes path position 0.25; wrote {out}")
     config = json.loads((out / "config.json").read_text())
     record = config["provenance"]["path_end_calibration"]
+    assert config["path_end"] == record["path_end"] == record["peaks"]["pairs"] == 0.25
     assert record["pairs_used"] == 6 and record["positions"] == [0.25, 0.5, 0.75, 1.0]
-    assert config.get("path_end", 1.0) == record["path_end"] == record["peaks"]["pairs"]
-    assert said[-1].endswith(f"wrote {out}")
-    # the weights are the source's, bit for bit
-    assert models.load_student(out).state_dict().keys() == models.load_student(source).state_dict().keys()
-    for name, tensor in models.load_student(out).state_dict().items():
-        assert torch.equal(tensor, models.load_student(source).state_dict()[name])
+    psnr = record["psnr"]["pairs"]
+    assert psnr == sorted(psnr, reverse=True)
+    source, written = models.load_student(away).state_dict(), models.load_student(out).state_dict()
+    assert source.keys() == written.keys() and all(torch.equal(source[k], written[k]) for k in source)
 
-    # an existing output is kept unless --overwrite
+    # an existing output is kept unless --overwrite; a file is never a checkpoint; a bad step fails first
     assert main(args) == 1
-    assert_one_line_error(capsys.readouterr().err, "not an empty folder", "--overwrite")
+    assert_one_line_error(capsys.readouterr().err, "is not empty", "--overwrite")
+    (tmp_path / "file").write_text("x")
+    assert main([*args[:-1], str(tmp_path / "file"), "--overwrite"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "is not a folder")
+    assert main([*args[:-1], str(tmp_path / "new"), "--step", "0.3"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "divide 1 evenly")
+
+    # where the path peaks at its end, an earlier cut is dropped
+    toward = make_compact(velocity_gain=30.0)
+    toward.config.path_end = 0.5
+    models.save_student(toward, tmp_path / "toward")
+    assert main(["model", "calibrate", str(tmp_path / "toward"), "--pairs", str(pairs_folder), "-o",
+                 str(tmp_path / "uncut"), "--step", "0.25"]) == 0  # fmt: skip
+    assert "alpha = 1 decodes the path's end (was 0.5)" in capsys.readouterr().out
+    assert "path_end" not in json.loads((tmp_path / "uncut" / "config.json").read_text())
 
     # training from a calibrated checkpoint trains the raw path, so the cut is dropped
-    cut = models.load_student(out)
-    cut.config.path_end = 0.5
-    models.save_student(cut, out)
     config_train = TrainConfig(stage="stage2", pairs=str(pairs_folder), output=str(tmp_path / "t"), init=str(out),
                                fidelity_teacher="unused", device="cpu", loss={"reconstruction": 1.0})  # fmt: skip
     stage = build_stage(config_train)
     assert stage.student.config.path_end is None  # type: ignore[attr-defined]
-    assert stage.student.config.provenance["path_end_before_training"] == 0.5  # type: ignore[attr-defined]
+    assert stage.student.config.provenance["path_end_before_training"] == 0.25  # type: ignore[attr-defined]

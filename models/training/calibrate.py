@@ -78,7 +78,8 @@ def scan_path(
 
 
 def calibrate(student: CTSRStudent, pair_sets: Sequence[PairSet], step: float = 0.05, count: int = 400) -> Calibration:
-    """Scan the student's raw path (any earlier ``path_end`` ignored) on each pairs folder."""
+    """Scan the student's raw path on each pairs folder (an earlier ``path_end`` is ignored, and
+    left as it was: the caller decides what to write)."""
     if not pair_sets:
         raise ConfigError("calibration needs at least one pairs folder")
     names = [p.folder.name for p in pair_sets]
@@ -87,9 +88,12 @@ def calibrate(student: CTSRStudent, pair_sets: Sequence[PairSet], step: float = 
     for p in pair_sets:
         if p.spec.scale != student.scale:
             raise ConfigError(f"{p.folder}: pairs are x{p.spec.scale}, the student is x{student.scale}")
-    student.config.path_end = None
     positions = path_positions(step)
-    table = {p.folder.name: scan_path(student, p, positions, count) for p in pair_sets}
+    earlier, student.config.path_end = student.config.path_end, None
+    try:
+        table = {p.folder.name: scan_path(student, p, positions, count) for p in pair_sets}
+    finally:
+        student.config.path_end = earlier
     peaks = {name: positions[max(range(len(values)), key=values.__getitem__)] for name, values in table.items()}
     used = sum(min(count, len(p)) for p in pair_sets)
     return Calibration(positions, table, peaks, min(peaks.values()), used)
