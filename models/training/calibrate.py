@@ -31,9 +31,12 @@ class Calibration:
     psnr: dict[str, list[float]]
     #: each folder's peak position
     peaks: dict[str, float]
-    #: the earliest peak (1 where every folder peaks at the end: the checkpoint stays as it is)
-    path_end: float
     pairs_used: int
+
+    @property
+    def path_end(self) -> float:
+        """The earliest peak (1 where every folder peaks at the end: the checkpoint stays as it is)."""
+        return min(self.peaks.values())
 
     def provenance(self, pair_sets: Sequence[PairSet]) -> dict[str, Any]:
         return {
@@ -96,4 +99,4 @@ def calibrate(student: CTSRStudent, pair_sets: Sequence[PairSet], step: float = 
         student.config.path_end = earlier
     peaks = {name: positions[max(range(len(values)), key=values.__getitem__)] for name, values in table.items()}
     used = sum(min(count, len(p)) for p in pair_sets)
-    return Calibration(positions, table, peaks, min(peaks.values()), used)
+    return Calibration(positions, table, peaks, used)
